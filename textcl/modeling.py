@@ -148,11 +148,13 @@ class Encoder(nn.Module):
         truncate_dim: int | None = None,
         show_progress_bar: bool = False,
         convert_to_tensor: bool = False,
+        max_seq_length: int | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed `texts` -> `[n, dim]` float32 (numpy, or torch with `convert_to_tensor`); a single str gives `[dim]`.
 
         `normalize` defaults to the model's setting and is applied after `truncate_dim`, so truncated
-        Matryoshka vectors are unit length again. Texts are tokenized once, sorted by token length, and
+        Matryoshka vectors are unit length again. `max_seq_length` overrides the model's truncation length
+        (e.g. shorter queries than documents). Texts are tokenized once, sorted by token length, and
         padded per batch to that batch's longest text; the output keeps the input order.
         """
         single = isinstance(texts, str)
@@ -163,7 +165,8 @@ class Encoder(nn.Module):
         dim = truncate_dim or self.dim
         out = torch.empty(len(texts), dim, dtype=torch.float32)
         if texts:
-            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, padding=False)
+            max_length = max_seq_length or self.max_seq_length
+            encoded = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
             lengths = np.array([len(ids) for ids in encoded["input_ids"]])
             order = np.argsort(-lengths, kind="stable")
             was_training = self.training
