@@ -7,6 +7,7 @@ A `TextclError` becomes one line on stderr and exit code 2; argparse mistakes al
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 
@@ -52,6 +53,28 @@ def run_encode(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}: {embeddings.shape[0]} x {embeddings.shape[1]} float32")
 
 
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from textcl.config import FIELDS
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model from a YAML recipe (also under `accelerate launch -m textcl train`)",
+        description="Train from a YAML recipe; any setting can be overridden as --key value after the recipe. "
+        f"Settings: {', '.join(FIELDS)}.",
+    )
+    parser.add_argument("recipe", nargs="?", help="YAML recipe whose keys are the settings below")
+    parser.set_defaults(run=run_train, takes_overrides=True)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from textcl.config import load_config
+    from textcl.trainer import train
+
+    metrics = train(load_config(args.recipe, args.overrides))
+    if metrics:
+        print(json.dumps(metrics, indent=2))
+
+
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the embedded default on bundled data (no network)")
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the shipped MiniLM)")
@@ -64,7 +87,195 @@ def run_demo(args: argparse.Namespace) -> None:
     run(args.model)
 
 
-PARSERS = (add_encode_parser, add_demo_parser)
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="STS correlations and BEIR retrieval metrics of a model")
+    parser.add_argument("model", help="model folder or Hub id")
+    parser.add_argument("--sts", nargs="+", default=[], metavar="FILE", help="STS .tsv/.csv/.jsonl files")
+    parser.add_argument("--sts_columns", nargs=3, default=["sentence1", "sentence2", "score"],
+                        metavar=("FIRST", "SECOND", "SCORE"))
+    parser.add_argument("--beir", default=None, metavar="DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    parser.add_argument("--split", default="test", help="qrels split of the BEIR folder")
+    parser.add_argument("--k_values", nargs="+", type=int, default=[1, 3, 5, 10, 100])
+    parser.add_argument("--allow_missing", action="store_true", help="drop qrels naming unknown documents/queries")
+    add_encoding_options(parser)
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    parser.set_defaults(run=run_eval)
+
+
+def add_encoding_options(parser: argparse.ArgumentParser, cache: bool = False) -> None:
+    """Options shared by eval, mine and index: truncation, prompts, batch size (and the embedding cache)."""
+    parser.add_argument("--max_seq_length", type=int, default=None, help="truncation length (default: the model's)")
+    parser.add_argument("--query_max_length", type=int, default=None, help="truncation length of queries/anchors")
+    parser.add_argument("--query_prompt_name", default=None, help="default: the model's 'query' prompt, if any")
+    parser.add_argument("--doc_prompt_name", default=None, help="default: the model's 'document' prompt, if any")
+    parser.add_argument("--batch_size", type=int, default=64)
+    if cache:
+        parser.add_argument("--cache_dir", default=None, help="embedding cache (default: ~/.cache/textcl/embeddings)")
+        parser.add_argument("--no_cache", action="store_true", help="encode without reading or writing the cache")
+
+
+def cache_dir_of(args: argparse.Namespace) -> str | None:
+    from textcl.corpus import default_cache_dir
+
+    return None if args.no_cache else args.cache_dir or str(default_cache_dir())
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from textcl.evaluation import evaluate, format_table
+    from textcl.modeling import Encoder
+
+    if not args.sts and not args.beir:
+        raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length)
+    results = evaluate(
+        encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
+        k_values=args.k_values, query_prompt_name=args.query_prompt_name, doc_prompt_name=args.doc_prompt_name,
+        query_max_length=args.query_max_length, batch_size=args.batch_size, allow_missing=args.allow_missing,
+        show_progress_bar=True,
+    )
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def add_mine_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("mine", help="mine hard negatives for (anchor, positive) pairs with FAISS")
+    parser.add_argument("model", help="model folder or Hub id")
+    parser.add_argument("--data", required=True, help="pairs file (.tsv/.csv/.jsonl) or BEIR folder")
+    parser.add_argument("--split", default="train", help="qrels split when --data is a BEIR folder")
+    parser.add_argument("--anchor_column", default="anchor")
+    parser.add_argument("--positive_column", default="positive")
+    parser.add_argument("--corpus", default=None,
+                        help="candidate texts: text file, .jsonl/.tsv/.csv with 'text', or BEIR folder "
+                        "(default: the BEIR corpus of --data, else the positives)")
+    parser.add_argument("--out", required=True, help="output dataset (.jsonl, .tsv, .csv or .parquet)")
+    parser.add_argument("--num_negatives", type=int, default=5)
+    parser.add_argument("--range_min", type=int, default=10, help="skip this many best-ranked candidates")
+    parser.add_argument("--range_max", type=int, default=100, help="consider candidates up to this rank")
+    parser.add_argument("--max_score_ratio", type=optional_float, default=0.95,
+                        help="keep a negative only if its score < ratio x the positive's score ('none': off)")
+    parser.add_argument("--margin", type=optional_float, default=0.0,
+                        help="... and < the positive's score - margin ('none': off)")
+    parser.add_argument("--sampling", choices=["top", "random"], default="top")
+    parser.add_argument("--factory", default="Flat", help="faiss index_factory string, e.g. IVF1024,Flat")
+    parser.add_argument("--search_params", default="", help="faiss search parameters, e.g. nprobe=32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow_missing", action="store_true", help="drop qrels naming unknown documents/queries")
+    add_encoding_options(parser, cache=True)
+    parser.set_defaults(run=run_mine)
+
+
+def optional_float(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def run_mine(args: argparse.Namespace) -> None:
+    from textcl.mining import check_options, mine_hard_negatives, read_pairs
+    from textcl.modeling import Encoder
+    from textcl.tables import check_output, read_corpus, write_table
+
+    check_output(args.out)
+    check_options(args.num_negatives, args.range_min, args.range_max, args.max_score_ratio, args.sampling)
+    anchors, positives, corpus = read_pairs(
+        args.data, args.split, args.anchor_column, args.positive_column, args.allow_missing
+    )
+    if args.corpus:
+        corpus = read_corpus(args.corpus)[1]
+    encoder = Encoder.load(args.model)
+    mined = mine_hard_negatives(
+        encoder, anchors, positives, corpus, num_negatives=args.num_negatives, range_min=args.range_min,
+        range_max=args.range_max, max_score_ratio=args.max_score_ratio, margin=args.margin, sampling=args.sampling,
+        factory=args.factory, search_params=args.search_params, query_prompt_name=args.query_prompt_name,
+        doc_prompt_name=args.doc_prompt_name, query_max_length=args.query_max_length,
+        doc_max_length=args.max_seq_length, batch_size=args.batch_size, cache_dir=cache_dir_of(args), seed=args.seed,
+        show_progress_bar=True,
+    )
+    print(mined.stats.summary())
+    write_table(mined.columns, args.out)
+    print(f"wrote {args.out}: {mined.stats.rows_kept} rows")
+
+
+def add_index_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("index", help="build a FAISS search index of a corpus")
+    parser.add_argument("model", help="model folder or Hub id")
+    parser.add_argument("--corpus", required=True,
+                        help="text file (one document a line), .jsonl/.tsv/.csv with 'text' (and 'id'), or BEIR folder")
+    parser.add_argument("--out", required=True, help="index folder to write")
+    parser.add_argument("--factory", default="Flat", help="faiss index_factory string, e.g. IVF1024,Flat or HNSW32")
+    parser.add_argument("--search_params", default="", help="faiss search parameters saved with the index")
+    add_encoding_options(parser, cache=True)
+    parser.set_defaults(run=run_index)
+
+
+def run_index(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from textcl.modeling import Encoder
+    from textcl.search import SearchIndex
+    from textcl.tables import read_corpus
+
+    ids, texts = read_corpus(args.corpus)
+    model = Path(args.model).resolve() if Path(args.model).exists() else args.model
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length)
+    index = SearchIndex.build(
+        encoder, texts, ids, args.factory, model_path=model, query_prompt_name=args.query_prompt_name,
+        doc_prompt_name=args.doc_prompt_name, search_params=args.search_params, batch_size=args.batch_size,
+        cache_dir=cache_dir_of(args), show_progress_bar=True,
+    )
+    index.save(args.out)
+    print(f"wrote {args.out}: {len(ids)} documents, {encoder.dim} dimensions, {args.factory}")
+
+
+def add_search_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("search", help="query a search index built by `textcl index`")
+    parser.add_argument("index", help="index folder")
+    parser.add_argument("query", nargs="*", help="one or more queries")
+    parser.add_argument("--queries", default=None, metavar="FILE", help="text file with one query a line")
+    parser.add_argument("-k", type=int, default=10, help="results per query")
+    parser.add_argument("--search_params", default=None, help="override the saved faiss search parameters")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(run=run_search)
+
+
+def run_search(args: argparse.Namespace) -> None:
+    from textcl.search import SearchIndex, set_search_params
+    from textcl.textfiles import read_lines
+
+    queries = list(args.query) + (read_lines(args.queries, "queries file") if args.queries else [])
+    if not queries:
+        raise TextclError("no query: pass one as an argument or a file with --queries FILE")
+    index = SearchIndex.load(args.index)
+    if args.search_params is not None:
+        set_search_params(index.index, args.search_params)
+    hits = index.search(queries, args.k)
+    results = [
+        {"query": query, "hits": [{"id": i, "score": float(s), "text": t}
+                                  for i, s, t in zip(ids, scores, texts) if i is not None]}
+        for query, ids, scores, texts in zip(queries, hits.ids, hits.scores, hits.texts)
+    ]
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return
+    for result in results:
+        print(f"query: {result['query']}")
+        for rank, hit in enumerate(result["hits"], start=1):
+            text = hit["text"] if len(hit["text"]) <= 100 else hit["text"][:97] + "..."
+            print(f"{rank:4d}. {hit['score']:.4f}  {hit['id']}  {text}")
+
+
+PARSERS = (
+    add_encode_parser,
+    add_train_parser,
+    add_demo_parser,
+    add_eval_parser,
+    add_mine_parser,
+    add_index_parser,
+    add_search_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `textcl` console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     try:
         return args.run(args) or 0
     except TextclError as error:

@@ -116,6 +116,12 @@ class Encoder(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """The training entry point; see `embed`. `accelerate` wraps this method for mixed precision, and
+        `encode` calls `embed` directly so that wrapper never leaks into inference (which stays in the
+        weights' own precision)."""
+        return self.embed(input_ids, attention_mask, **inputs)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """Tokenized batch `[batch, seq]` -> embeddings `[batch, dim]` (MLP head included while training)."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
         embeddings = pool(hidden, attention_mask, self.pooling)
@@ -176,7 +182,7 @@ class Encoder(nn.Module):
                 for start in tqdm(starts, desc="encode", disable=not show_progress_bar):
                     index = order[start : start + batch_size]
                     batch = pad_batch(encoded, index, self.tokenizer, self.device)
-                    embeddings = self(**batch)[:, :dim].float()
+                    embeddings = self.embed(**batch)[:, :dim].float()
                     out[torch.from_numpy(index)] = embeddings.cpu()
             self.train(was_training)
         if normalize if normalize is not None else self.normalize:

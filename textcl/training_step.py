@@ -1,0 +1,121 @@
+"""One training step: embed the batch, compute the loss, backward (plainly or with GradCache).
+
+Dropout positives (unsupervised SimCSE) take ONE forward over the anchors stacked twice: the two
+halves get independent dropout masks, and the batch pays one call's overhead instead of two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from torch import Tensor, nn
+
+from textcl.config import TrainConfig
+from textcl.gradcache import gradcache_backward
+from textcl.modeling import Encoder
+from textcl.queue import MomentumEncoder, NegativeQueue
+from textcl.stats import contrastive_stats
+
+Features = dict[str, Tensor]
+
+
+def stacked(features: Features) -> Features:
+    """The same tokenized batch twice, `[2B, T]`."""
+    return {key: torch.cat([value, value]) for key, value in features.items()}
+
+
+def groups_of(batch: dict[str, Any]) -> list[Features]:
+    """The tokenized groups to embed: anchors (stacked twice for dropout positives), positives, negatives."""
+    anchors = batch["anchor"] if batch["positive"] is not None else stacked(batch["anchor"])
+    return [group for group in (anchors, batch["positive"], batch["negatives"]) if group is not None]
+
+
+def split_views(embeddings: list[Tensor], batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Group embeddings -> anchor `[B, d]`, positive `[B, d]`, negatives `[B, k, d]` or None."""
+    size = batch["anchor_ids"].shape[0]
+    first, *rest = embeddings
+    if batch["positive"] is None:
+        anchor, positive = first[:size], first[size:]
+    else:
+        anchor, positive = first, rest.pop(0)
+    negatives = rest[0].view(size, -1, rest[0].shape[-1]) if rest else None
+    return anchor, positive, negatives
+
+
+class StepRunner:
+    """Computes the loss of a batch and runs its backward; keeps what the logger reports.
+
+    Optional helpers: a negative queue filled by a momentum encoder (MoCo / ESimCSE), and a frozen
+    guide model whose similarities decide which candidates are false negatives.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        loss: nn.Module,
+        accelerator: Accelerator,
+        momentum: MomentumEncoder | None = None,
+        guide: Encoder | None = None,
+    ) -> None:
+        self.model, self.loss, self.accelerator = model, loss, accelerator
+        self.chunk_size = config.loss.gradcache_chunk_size
+        self.mask_duplicates = config.loss.mask_duplicate_texts
+        self.momentum, self.guide = momentum, guide
+        self.queue = NegativeQueue(config.loss.queue_size, momentum.average.module.dim) if momentum else None
+        if self.queue is not None:
+            self.queue.to(accelerator.device)
+        self.keys: Tensor | None = None
+        self.last_views: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+    def stateful(self) -> list[Any]:
+        """Objects whose state belongs in checkpoints."""
+        return [module for module in (self.momentum, self.queue) if module is not None]
+
+    def extras(self, batch: dict[str, Any], groups: list[Features]) -> dict[str, Any]:
+        """Loss keyword arguments besides the embeddings: ids, labels, queue, guide embeddings."""
+        extras: dict[str, Any] = {"labels": batch["labels"]}
+        if self.mask_duplicates:
+            extras |= {"positive_ids": batch["positive_ids"], "negative_ids": batch["negative_ids"]}
+        if self.queue is not None:
+            keys_from = batch["positive"] if batch["positive"] is not None else batch["anchor"]
+            self.keys = self.momentum(**keys_from)
+            extras["queue"] = self.queue.negatives
+        if self.guide is not None:
+            with torch.no_grad():
+                extras["guide"] = split_views([self.guide.embed(**group) for group in groups], batch)
+        return extras
+
+    def backward(self, batch: dict[str, Any]) -> Tensor:
+        """Backward of the batch's loss into the parameters' .grad; returns the loss averaged over processes."""
+        batch = send_to_device(batch, self.accelerator.device)
+        groups = groups_of(batch)
+        extras = self.extras(batch, groups)
+
+        def compute(embeddings: list[Tensor]) -> Tensor:
+            anchor, positive, negatives = split_views(embeddings, batch)
+            self.last_views = (anchor.detach(), positive.detach(), None if negatives is None else negatives.detach())
+            return self.loss(anchor, positive, negatives, **extras)
+
+        if self.chunk_size:
+            loss = gradcache_backward(
+                self.model, groups, compute, self.chunk_size,
+                backward=self.accelerator.backward, no_sync=lambda: self.accelerator.no_sync(self.model),
+            )
+        else:
+            loss = compute([self.model(**group) for group in groups])
+            self.accelerator.backward(loss)
+        return self.accelerator.reduce(loss.detach(), reduction="mean")
+
+    def after_optimizer_step(self) -> None:
+        """Move the momentum encoder towards the online one and queue this step's keys."""
+        if self.queue is not None:
+            self.momentum.update(self.accelerator.unwrap_model(self.model))
+            self.queue.enqueue(self.keys)
+
+    def statistics(self) -> dict[str, float]:
+        """Similarity statistics of the last batch (local rows)."""
+        return contrastive_stats(*self.last_views) if self.last_views is not None else {}
