@@ -78,13 +78,14 @@ def run_train(args: argparse.Namespace) -> None:
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the embedded default on bundled data (no network)")
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the shipped MiniLM)")
+    parser.add_argument("--output_dir", default="textcl-demo", help="where the trained model goes")
     parser.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from textcl.demo import run
 
-    run(args.model)
+    run(args.model, args.output_dir)
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -102,22 +103,29 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_eval)
 
 
-def add_encoding_options(parser: argparse.ArgumentParser, cache: bool = False) -> None:
-    """Options shared by eval, mine and index: truncation, prompts, batch size (and the embedding cache)."""
+def add_encoding_options(parser: argparse.ArgumentParser, cache_by_default: bool = False) -> None:
+    """Options shared by eval, mine and index: truncation, prompts, batch size, embedding cache."""
     parser.add_argument("--max_seq_length", type=int, default=None, help="truncation length (default: the model's)")
     parser.add_argument("--query_max_length", type=int, default=None, help="truncation length of queries/anchors")
     parser.add_argument("--query_prompt_name", default=None, help="default: the model's 'query' prompt, if any")
     parser.add_argument("--doc_prompt_name", default=None, help="default: the model's 'document' prompt, if any")
     parser.add_argument("--batch_size", type=int, default=64)
-    if cache:
+    if cache_by_default:
         parser.add_argument("--cache_dir", default=None, help="embedding cache (default: ~/.cache/textcl/embeddings)")
         parser.add_argument("--no_cache", action="store_true", help="encode without reading or writing the cache")
+    else:
+        parser.add_argument("--cache_dir", default=None,
+                            help="keep the corpus embeddings here (memory-mapped; reused by later runs)")
+    parser.set_defaults(cache_by_default=cache_by_default, no_cache=False)
 
 
 def cache_dir_of(args: argparse.Namespace) -> str | None:
+    """--cache_dir; else the default cache for commands that cache by default (mine), unless --no_cache."""
     from textcl.corpus import default_cache_dir
 
-    return None if args.no_cache else args.cache_dir or str(default_cache_dir())
+    if args.no_cache:
+        return None
+    return args.cache_dir or (str(default_cache_dir()) if args.cache_by_default else None)
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -133,7 +141,7 @@ def run_eval(args: argparse.Namespace) -> None:
         encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
         k_values=args.k_values, query_prompt_name=args.query_prompt_name, doc_prompt_name=args.doc_prompt_name,
         query_max_length=args.query_max_length, batch_size=args.batch_size, allow_missing=args.allow_missing,
-        show_progress_bar=True,
+        cache_dir=cache_dir_of(args), show_progress_bar=True,
     )
     print(format_table(results))
     if args.json:
@@ -165,7 +173,7 @@ def add_mine_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--search_params", default="", help="faiss search parameters, e.g. nprobe=32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allow_missing", action="store_true", help="drop qrels naming unknown documents/queries")
-    add_encoding_options(parser, cache=True)
+    add_encoding_options(parser, cache_by_default=True)
     parser.set_defaults(run=run_mine)
 
 
@@ -185,14 +193,13 @@ def run_mine(args: argparse.Namespace) -> None:
     )
     if args.corpus:
         corpus = read_corpus(args.corpus)[1]
-    encoder = Encoder.load(args.model)
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length)
     mined = mine_hard_negatives(
         encoder, anchors, positives, corpus, num_negatives=args.num_negatives, range_min=args.range_min,
         range_max=args.range_max, max_score_ratio=args.max_score_ratio, margin=args.margin, sampling=args.sampling,
         factory=args.factory, search_params=args.search_params, query_prompt_name=args.query_prompt_name,
-        doc_prompt_name=args.doc_prompt_name, query_max_length=args.query_max_length,
-        doc_max_length=args.max_seq_length, batch_size=args.batch_size, cache_dir=cache_dir_of(args), seed=args.seed,
-        show_progress_bar=True,
+        doc_prompt_name=args.doc_prompt_name, query_max_length=args.query_max_length, batch_size=args.batch_size,
+        cache_dir=cache_dir_of(args), seed=args.seed, show_progress_bar=True,
     )
     print(mined.stats.summary())
     write_table(mined.columns, args.out)
@@ -207,7 +214,7 @@ def add_index_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="index folder to write")
     parser.add_argument("--factory", default="Flat", help="faiss index_factory string, e.g. IVF1024,Flat or HNSW32")
     parser.add_argument("--search_params", default="", help="faiss search parameters saved with the index")
-    add_encoding_options(parser, cache=True)
+    add_encoding_options(parser)
     parser.set_defaults(run=run_index)
 
 
@@ -222,9 +229,10 @@ def run_index(args: argparse.Namespace) -> None:
     model = Path(args.model).resolve() if Path(args.model).exists() else args.model
     encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length)
     index = SearchIndex.build(
-        encoder, texts, ids, args.factory, model_path=model, query_prompt_name=args.query_prompt_name,
-        doc_prompt_name=args.doc_prompt_name, search_params=args.search_params, batch_size=args.batch_size,
-        cache_dir=cache_dir_of(args), show_progress_bar=True,
+        encoder, texts, ids, args.factory, model_path=model, query_max_length=args.query_max_length,
+        query_prompt_name=args.query_prompt_name, doc_prompt_name=args.doc_prompt_name,
+        search_params=args.search_params, batch_size=args.batch_size, cache_dir=cache_dir_of(args),
+        show_progress_bar=True,
     )
     index.save(args.out)
     print(f"wrote {args.out}: {len(ids)} documents, {encoder.dim} dimensions, {args.factory}")

@@ -105,17 +105,13 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def evaluate(self) -> dict[str, Any]:
-        """Evaluation on the main process (the others wait); empty when no eval set is configured."""
+        """Evaluation on every process (corpus encoding is sharded across them); {} without eval sets."""
         data = self.config.data
         if not (data.eval_sts or data.eval_beir):
             return {}
-        results: dict[str, Any] = {}
-        if self.accelerator.is_main_process:
-            from textcl.evaluation import evaluate
+        from textcl.evaluation import evaluate
 
-            results = evaluate(self.unwrapped(), sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split)
-        self.accelerator.wait_for_everyone()
-        return results
+        return evaluate(self.unwrapped(), sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -152,6 +148,7 @@ class Trainer:
         if self.resume_from is not None:
             accelerator.load_state(str(self.resume_from))
         position = self.position
+        self.model.train()  # from_pretrained returns eval mode: no dropout, so no SimCSE positives
         bar = tqdm(total=self.max_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
         started, samples = time.perf_counter(), 0
         while position.step < self.max_steps:
@@ -193,10 +190,13 @@ class Trainer:
                 position.epoch += 1
                 position.batches_in_epoch = 0
         bar.close()
-        return self.finish()
+        runtime = time.perf_counter() - started
+        speed = {"train_runtime": runtime, "train_samples_per_second": samples / runtime}
+        self.log({"step": position.step, **speed})
+        return self.finish() | {"train": speed}
 
     def finish(self) -> dict[str, Any]:
-        """Final evaluation, best-model selection, and the saved model folder."""
+        """Final evaluation, best-model selection, and the saved model folder; returns the evaluation."""
         metrics = self.evaluate()
         if metrics:
             self.log({"step": self.position.step, **metrics})

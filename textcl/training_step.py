@@ -65,7 +65,7 @@ class StepRunner:
         self.chunk_size = config.loss.gradcache_chunk_size
         self.mask_duplicates = config.loss.mask_duplicate_texts
         self.momentum, self.guide = momentum, guide
-        self.queue = NegativeQueue(config.loss.queue_size, momentum.average.module.dim) if momentum else None
+        self.queue = NegativeQueue(config.loss.queue_size, accelerator.unwrap_model(model).dim) if momentum else None
         if self.queue is not None:
             self.queue.to(accelerator.device)
         self.keys: Tensor | None = None
