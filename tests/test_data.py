@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from textcl.collator import ContrastiveCollator, augment, text_id
 from textcl.config import DataArguments
-from textcl.data import load_rows
+from textcl.data import load_rows, max_negatives
 from textcl.errors import TextclError
 from textcl.sampler import NoDuplicatesBatchSampler, greedy_batches, row_ids
 
@@ -27,7 +27,7 @@ def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> str:
 
 
 def rows_of(**kwargs) -> list[dict]:
-    return list(load_rows(DataArguments(**kwargs)))
+    return list(load_rows(DataArguments(**{**kwargs, "train_data": [kwargs["train_data"]]})))
 
 
 def test_txt_lines_become_dropout_rows(tmp_path: Path) -> None:
@@ -45,6 +45,14 @@ def test_tsv_pairs_with_quotes_and_negatives_in_natural_order(tmp_path: Path) ->
     assert row["anchor"] == 'say "hi"' and row["positive"] == "b" and row["negatives"] == ["n2", "n10"]
     (row,) = rows_of(train_data=path, num_negatives=1)
     assert row["negatives"] == ["n2"]
+
+
+def test_blank_negatives_are_skipped_and_sources_concatenate(tmp_path: Path) -> None:
+    triplets = write_tsv(tmp_path / "t.tsv", ["anchor", "positive", "negative"], [["a", "b", "c"], ["d", "e", ""]])
+    pairs = write_tsv(tmp_path / "p.tsv", ["anchor", "positive", "source"], [["f", "g", "x"]])
+    rows = list(load_rows(DataArguments(train_data=[triplets, pairs])))
+    assert [(r["anchor"], r["negatives"]) for r in rows] == [("a", ["c"]), ("d", []), ("f", [])]
+    assert max_negatives(load_rows(DataArguments(train_data=[pairs, triplets]))) == 1
 
 
 def test_jsonl_and_parquet_with_mapped_columns_and_labels(tmp_path: Path) -> None:
@@ -68,13 +76,13 @@ def test_beir_folder_gives_every_relevant_document(shared_data: Path) -> None:
     with (folder / "qrels" / "train.tsv").open() as handle:
         qrels = list(csv.DictReader(handle, delimiter="\t"))
     expected = sorted((queries[r["query-id"]], docs[r["corpus-id"]]) for r in qrels if int(r["score"]) > 0)
-    rows = load_rows(DataArguments(train_data=str(folder), train_split="train"))
+    rows = load_rows(DataArguments(train_data=[str(folder)], train_split="train"))
     assert sorted(zip(rows["anchor"], rows["positive"])) == expected and len(expected) == 919
 
 
 def test_streaming_reads_lazily(tmp_path: Path) -> None:
     (tmp_path / "s.txt").write_text("".join(f"line {i}\n" for i in range(50)))
-    rows = load_rows(DataArguments(train_data=str(tmp_path / "s.txt"), streaming=True))
+    rows = load_rows(DataArguments(train_data=[str(tmp_path / "s.txt")], streaming=True))
     assert not hasattr(rows, "__len__")
     assert [r["anchor"] for r in rows.take(3)] == ["line 0", "line 1", "line 2"]
 
@@ -94,7 +102,7 @@ def test_streaming_reads_lazily(tmp_path: Path) -> None:
 )
 def test_bad_data_is_a_one_line_error(tmp_path: Path, setup, kwargs: dict, message: str) -> None:
     with pytest.raises(TextclError, match=message):
-        load_rows(DataArguments(train_data=setup(tmp_path), **kwargs))
+        load_rows(DataArguments(train_data=[setup(tmp_path)], **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +111,20 @@ def tokenizer(tiny_model_dir: Path):
 
 
 def test_collator_prompts_lengths_and_ids(tokenizer) -> None:
-    collator = ContrastiveCollator(tokenizer, query_max_length=6, passage_max_length=12, query_prompt="query: ",
-                                   document_prompt="passage: ")
+    collator = ContrastiveCollator(tokenizer, query_max_length=6, passage_max_length=12, num_negatives=3,
+                                   query_prompt="query: ", document_prompt="passage: ")
     rows = [
         {"anchor": "a man is playing a guitar loudly tonight", "positive": "the cat sits on the mat",
          "negatives": ["two dogs run", "a plane"], "label": None},
-        {"anchor": "the stock market fell", "positive": "scientists found a frog", "negatives": ["x", "y"], "label": None},
+        {"anchor": "the stock market fell", "positive": "scientists found a frog", "negatives": ["x"], "label": None},
     ]
     batch = collator(rows)
     assert batch["anchor"]["input_ids"].shape == (2, 6)
-    assert batch["positive"]["input_ids"].shape[1] <= 12 and batch["negatives"]["input_ids"].shape[0] == 4
+    assert batch["positive"]["input_ids"].shape[1] <= 12 and batch["negatives"]["input_ids"].shape[0] == 3
     expected = tokenizer(["query: " + rows[0]["anchor"]], truncation=True, max_length=6)["input_ids"][0]
     assert batch["anchor"]["input_ids"][0].tolist() == expected
-    assert batch["negative_ids"].tolist() == [[text_id("two dogs run"), text_id("a plane")], [text_id("x"), text_id("y")]]
+    assert batch["negative_ids"].tolist() == [[text_id("two dogs run"), text_id("a plane"), 0], [text_id("x"), 0, 0]]
+    assert batch["negative_mask"].tolist() == [[True, True, False], [True, False, False]]
     assert batch["positive_ids"].tolist() == [text_id(rows[0]["positive"]), text_id(rows[1]["positive"])]
 
 

@@ -296,3 +296,17 @@ def test_stats_match_direct_formulas() -> None:
     assert stats["alignment"] == pytest.approx(alignment, abs=1e-5)
     pairs = [float((unit[i] - unit[j]).norm() ** 2) for i in range(12) for j in range(i + 1, 12)]
     assert stats["uniformity"] == pytest.approx(math.log(sum(math.exp(-2 * d) for d in pairs) / len(pairs)), abs=1e-5)
+
+
+def test_padded_negatives_are_the_same_as_absent_ones() -> None:
+    """Rows with fewer than k negatives: the masked zero padding leaves every softmax, so the loss equals
+    the loss with the real negatives given as a shared pool (the queue) and no padding at all."""
+    torch.manual_seed(3)
+    a, p, n = (torch.randn(shape, dtype=torch.float64) for shape in ((4, 8), (4, 8), (4, 2, 8)))
+    mask = torch.tensor([[True, True], [True, False], [False, False], [True, True]])
+    loss = InfoNCELoss(temperature=0.05, symmetric=True)
+    masked = loss(a, p, n.masked_fill(~mask[..., None], 0.0), negative_mask=mask)
+    assert masked.item() == pytest.approx(loss(a, p, queue=n[mask]).item(), rel=1e-12)
+    assert masked.item() != pytest.approx(loss(a, p, n).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="negative_mask must be"):
+        loss(a, p, n, negative_mask=mask[:, :1])

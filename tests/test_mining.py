@@ -87,6 +87,20 @@ def test_top_negatives_follow_the_rules(minilm: Encoder, small_set, vectors, cac
     assert mined.stats.dropped_false_negatives > 0
 
 
+def test_min_negatives_keeps_short_rows_with_empty_slots(minilm: Encoder, small_set, vectors, cache: Path) -> None:  # noqa: F811
+    anchors, positives, corpus = small_set
+    expected = reference_negatives(vectors, anchors, positives, corpus, 3, 40, 0.9, 0.02)
+    mined = mine_hard_negatives(
+        minilm, anchors, positives, corpus, num_negatives=4, min_negatives=0, range_min=3, range_max=40,
+        max_score_ratio=0.9, margin=0.02, cache_dir=cache,
+    )
+    assert mined.columns["anchor"] == anchors and mined.stats.rows_too_few_negatives == 0
+    assert mined.stats.rows_short == sum(len(expected[a]) < 4 for a in anchors) > 0
+    for anchor, negatives in zip(anchors, negatives_of(mined.columns, 4)):
+        real = [t for t, _ in expected[anchor][:4]]
+        assert negatives == real + [""] * (4 - len(real))
+
+
 def test_random_sampling_draws_from_the_eligible_candidates(
     minilm: Encoder, small_set, vectors, cache: Path  # noqa: F811
 ) -> None:

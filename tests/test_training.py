@@ -61,40 +61,50 @@ def losses(output_dir: Path) -> list[float]:
 def test_thirty_steps_reduce_the_loss_and_save_a_sentence_transformers_folder(
     tiny_model_dir: Path, sentences_file: Path, tmp_path: Path
 ) -> None:
-    recipe = write_recipe(tmp_path, tiny_model_dir, sentences_file, max_steps=30, pooling="cls_mlp", normalize=True)
+    recipe = write_recipe(tmp_path, tiny_model_dir, sentences_file, max_steps=30, pooling="mean", dense_dim=16,
+                          normalize=True)
     assert main(["train", str(recipe)]) == 0
     out = tmp_path / "out"
     curve = losses(out)
-    assert len(curve) == 30 and np.mean(curve[-5:]) < 0.7 * np.mean(curve[:5])
+    assert len(curve) == 30 and np.mean(curve[-5:]) < 0.5 * np.mean(curve[:5])
     st = pytest.importorskip("sentence_transformers")
     ours = Encoder.load(out)
-    assert ours.pooling == "cls" and ours.mlp_head is None
+    assert ours.dim == 16 and ours.normalize
     assert np.allclose(ours.encode(SENTENCES), st.SentenceTransformer(str(out), device="cpu").encode(SENTENCES), atol=1e-5)
     run = json.loads((out / "textcl.json").read_text())
-    assert run["config"]["max_steps"] == 30 and run["config"]["pooling"] == "cls_mlp"
+    assert run["config"]["max_steps"] == 30 and run["config"]["dense_dim"] == 16
 
 
-def first_loss_and_weights(output_dir: Path) -> tuple[float, dict[str, torch.Tensor]]:
-    return losses(output_dir)[0], load_file(output_dir / "model.safetensors")
+def test_simcse_mlp_head_trains_but_is_not_exported(tiny_model_dir: Path, sentences_file: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, tiny_model_dir, sentences_file, max_steps=3, pooling="cls_mlp")
+    assert main(["train", str(recipe)]) == 0
+    ours = Encoder.load(tmp_path / "out")
+    assert ours.pooling == "cls" and ours.mlp_head is None
+    st = pytest.importorskip("sentence_transformers")
+    theirs = st.SentenceTransformer(str(tmp_path / "out"), device="cpu").encode(SENTENCES)
+    assert np.allclose(ours.encode(SENTENCES), theirs, atol=1e-5)
 
 
 def test_two_processes_equal_one_process_with_the_doubled_batch(
     tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo); dropout off so both runs draw no masks."""
-    recipe = write_recipe(tmp_path, tiny_model_dir, pairs_file, max_steps=2, dropout=0.0, pooling="mean")
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo); dropout off so both runs draw no masks.
+
+    Later steps' losses depend on the updated weights, so equal losses after step 1 also check the
+    gradients (weights themselves are not compared: Adam's first steps move a parameter by +-lr
+    whatever the size of its gradient, so float noise in a near-zero gradient flips it).
+    """
+    recipe = write_recipe(tmp_path, tiny_model_dir, pairs_file, max_steps=3, dropout=0.0, pooling="mean")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "textcl", "train",
               str(recipe), "--output_dir", str(tmp_path / "two")]
     result = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert main(["train", str(recipe), "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"]) == 0
-    two_loss, two_weights = first_loss_and_weights(tmp_path / "two")
-    one_loss, one_weights = first_loss_and_weights(tmp_path / "one")
-    assert two_loss == pytest.approx(one_loss, abs=1e-6)
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
-    for name, value in one_weights.items():
-        assert torch.allclose(two_weights[name], value, atol=1e-5), name
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(two) == len(one) == 3
+    assert two[0] == pytest.approx(one[0], abs=1e-6)
+    assert two == pytest.approx(one, abs=1e-5)
 
 
 def train_process(recipe: Path, *extra: str) -> subprocess.Popen:

@@ -62,7 +62,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train from a YAML recipe; any setting can be overridden as --key value after the recipe. "
         f"Settings: {', '.join(FIELDS)}.",
     )
-    parser.add_argument("recipe", nargs="?", help="YAML recipe whose keys are the settings below")
+    parser.usage = "textcl train [RECIPE.yaml] [--setting value ...]"
     parser.set_defaults(run=run_train, takes_overrides=True)
 
 
@@ -70,7 +70,9 @@ def run_train(args: argparse.Namespace) -> None:
     from textcl.config import load_config
     from textcl.trainer import train
 
-    metrics = train(load_config(args.recipe, args.overrides))
+    overrides = list(args.overrides)
+    recipe = overrides.pop(0) if overrides and not overrides[0].startswith("-") else None
+    metrics = train(load_config(recipe, overrides))
     if metrics:
         print(json.dumps(metrics, indent=2))
 
@@ -162,6 +164,9 @@ def add_mine_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(default: the BEIR corpus of --data, else the positives)")
     parser.add_argument("--out", required=True, help="output dataset (.jsonl, .tsv, .csv or .parquet)")
     parser.add_argument("--num_negatives", type=int, default=5)
+    parser.add_argument("--min_negatives", type=int, default=None,
+                        help="keep rows with at least this many negatives, the missing ones empty "
+                             "(default: --num_negatives; 0 keeps every row)")
     parser.add_argument("--range_min", type=int, default=10, help="skip this many best-ranked candidates")
     parser.add_argument("--range_max", type=int, default=100, help="consider candidates up to this rank")
     parser.add_argument("--max_score_ratio", type=optional_float, default=0.95,
@@ -195,7 +200,8 @@ def run_mine(args: argparse.Namespace) -> None:
         corpus = read_corpus(args.corpus)[1]
     encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length)
     mined = mine_hard_negatives(
-        encoder, anchors, positives, corpus, num_negatives=args.num_negatives, range_min=args.range_min,
+        encoder, anchors, positives, corpus, num_negatives=args.num_negatives, min_negatives=args.min_negatives,
+        range_min=args.range_min,
         range_max=args.range_max, max_score_ratio=args.max_score_ratio, margin=args.margin, sampling=args.sampling,
         factory=args.factory, search_params=args.search_params, query_prompt_name=args.query_prompt_name,
         doc_prompt_name=args.doc_prompt_name, query_max_length=args.query_max_length, batch_size=args.batch_size,
@@ -275,6 +281,45 @@ def run_search(args: argparse.Namespace) -> None:
             print(f"{rank:4d}. {hit['score']:.4f}  {hit['id']}  {text}")
 
 
+def add_push_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("push", help="upload a model folder to the Hugging Face Hub",
+                                   description="Upload a model folder (checkpoints excluded) to the Hugging Face Hub. "
+                                   "The token comes from HF_TOKEN or `hf auth login`.")
+    parser.add_argument("model", help="model folder (written by textcl train, Encoder.save or textcl merge)")
+    parser.add_argument("repo_id", help="repository, e.g. your-name/my-model (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
+    parser.add_argument("--commit_message", default="Upload model trained with textcl")
+    parser.set_defaults(run=run_push)
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from textcl.hub import push_to_hub
+
+    url = push_to_hub(args.model, args.repo_id, private=args.private or None, revision=args.revision,
+                      commit_message=args.commit_message)
+    print(f"pushed {args.model} to {url}")
+
+
+def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("merge", help="merge a LoRA adapter folder into a full model folder")
+    parser.add_argument("adapter", help="adapter folder (a model trained with lora: true)")
+    parser.add_argument("output", help="where to write the merged model")
+    parser.set_defaults(run=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from textcl.lora import is_adapter_folder, merged
+    from textcl.modeling import Encoder
+
+    if not is_adapter_folder(Path(args.adapter)):
+        raise TextclError(f"{args.adapter!r} holds no LoRA adapter (no adapter_config.json); it is already a full model")
+    merged(Encoder.load(args.adapter)).save(args.output)
+    print(f"wrote {args.output}: {args.adapter} merged into its base model")
+
+
 PARSERS = (
     add_encode_parser,
     add_train_parser,
@@ -283,6 +328,8 @@ PARSERS = (
     add_mine_parser,
     add_index_parser,
     add_search_parser,
+    add_push_parser,
+    add_merge_parser,
 )
 
 

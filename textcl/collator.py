@@ -44,13 +44,16 @@ class ContrastiveCollator:
     """Callable for `DataLoader(collate_fn=...)`: list of rows -> batch dict.
 
     The batch holds `anchor` (tokenized `[B, Tq]`), `positive` (`[B, Tp]`, or None for dropout positives:
-    the trainer encodes the anchors twice), `negatives` (`[B*k, Tp]` or None), `anchor_ids`,
-    `positive_ids` `[B]`, `negative_ids` `[B, k]` or None, and `labels` `[B]` or None.
+    the trainer encodes the anchors twice), `negatives` (`[n, Tp]`: the real negatives of all rows in row
+    order, or None), `anchor_ids`, `positive_ids` `[B]`, and with `num_negatives` k > 0 `negative_ids` and
+    `negative_mask` `[B, k]` (rows with fewer than k negatives are padded: id 0, mask False), else None;
+    `labels` `[B]` or None.
     """
 
     tokenizer: Any
     query_max_length: int
     passage_max_length: int
+    num_negatives: int = 0
     query_prompt: str = ""
     document_prompt: str = ""
     augment: tuple[str, ...] = ()
@@ -76,9 +79,7 @@ class ContrastiveCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         anchors = [row["anchor"] for row in rows]
         positives = self.positives(rows)
-        negatives = [row["negatives"] for row in rows]
-        if len({len(n) for n in negatives}) > 1:
-            raise ValueError(f"rows in a batch have different numbers of negatives: {sorted({len(n) for n in negatives})}")
+        negatives = [row["negatives"][: self.num_negatives] for row in rows]
         flat_negatives = [text for row_negatives in negatives for text in row_negatives]
         passages = positives if positives is not None else anchors
         batch: dict[str, Any] = {
@@ -88,13 +89,18 @@ class ContrastiveCollator:
             "anchor_ids": torch.tensor([text_id(a) for a in anchors]),
             "positive_ids": torch.tensor([text_id(p) for p in passages]),
             "negative_ids": None,
+            "negative_mask": None,
             "labels": None,
         }
         if positives is not None:
             batch["positive"] = self.tokenize([self.document_prompt + p for p in positives], self.passage_max_length)
-        if flat_negatives:
-            batch["negatives"] = self.tokenize([self.document_prompt + n for n in flat_negatives], self.passage_max_length)
-            batch["negative_ids"] = torch.tensor([[text_id(n) for n in row] for row in negatives])
+        if self.num_negatives:
+            missing = [self.num_negatives - len(row) for row in negatives]
+            batch["negative_ids"] = torch.tensor([[text_id(n) for n in row] + [0] * m for row, m in zip(negatives, missing)])
+            batch["negative_mask"] = torch.tensor([[True] * len(row) + [False] * m for row, m in zip(negatives, missing)])
+            if flat_negatives:
+                texts = [self.document_prompt + n for n in flat_negatives]
+                batch["negatives"] = self.tokenize(texts, self.passage_max_length)
         if rows[0].get("label") is not None:
             batch["labels"] = torch.tensor([text_id(str(row["label"])) for row in rows])
         return batch

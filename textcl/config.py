@@ -34,14 +34,27 @@ class ModelArguments:
     document_prompt: str | None = field(default=None, metadata={"help": "Prefix for positives and negatives."})
     dropout: float | None = field(default=None, metadata={"help": "Override the model's hidden/attention dropout."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
+    lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is alpha / r * B A."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Layers to adapt, e.g. query value, or all-linear (default: peft's choice for the "
+                  "architecture, else every linear layer but the pooler)."},
+    )
+    lora_merge: bool = field(
+        default=False, metadata={"help": "Save the final model with the adapter merged in (a full model) instead "
+                                 "of the adapter alone."}
+    )
 
 
 @dataclass
 class DataArguments:
-    train_data: str | None = field(
-        default=None,
-        metadata={"help": "A .txt file (one text a line: dropout positives), a csv/tsv/jsonl/parquet file, a BEIR "
-                  "folder, or a Hub dataset id (required)."},
+    train_data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "One or more sources, concatenated: .txt files (one text a line: dropout positives), "
+                  "csv/tsv/jsonl/parquet files, BEIR folders, or Hub dataset ids (required)."},
     )
     train_split: str = field(default="train", metadata={"help": "Split of a Hub dataset or BEIR qrels file."})
     anchor_column: str = "anchor"
@@ -120,6 +133,14 @@ class TrainingArguments:
     save_steps: int | None = None
     save_total_limit: int = 2
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, or a checkpoint folder."})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload the final model to the Hugging Face Hub (token: HF_TOKEN or "
+                                 "`hf auth login`)."}
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository, e.g. user/name (default: the "
+                                                              "output_dir's name in your namespace)."})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repository as private."})
+    hub_revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if missing)."})
 
 
 @dataclass
@@ -142,6 +163,7 @@ class TrainConfig:
 PARTS = (ModelArguments, DataArguments, LossArguments, TrainingArguments)
 FIELDS = [f.name for part in PARTS for f in dataclasses.fields(part)]
 REQUIRED = ("model_name_or_path", "train_data", "output_dir")
+LIST_FIELDS = {f.name for part in PARTS for f in dataclasses.fields(part) if str(f.type).startswith("list")}
 
 
 def closest(key: str) -> str:
@@ -169,7 +191,7 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
         if key not in FIELDS:
             raise TextclError(f"unknown recipe key {key!r}{closest(key)}")
     parser = HfArgumentParser(PARTS, allow_abbrev=False)
-    parser.set_defaults(**{key: stringify(value) for key, value in recipe.items()})
+    parser.set_defaults(**{key: stringify(as_list(key, value)) for key, value in recipe.items()})
     *parts, remaining = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
     if remaining:
         flag = next((item for item in remaining if item.startswith("--")), remaining[0])
@@ -183,7 +205,14 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
         raise TextclError("metric_for_best_model needs eval_sts or eval_beir to evaluate on")
     if config.training.bf16 and config.training.fp16:
         raise TextclError("bf16 and fp16 are both set; choose one")
+    if config.model.lora_merge and not config.model.lora:
+        raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
     return config
+
+
+def as_list(key: str, value: Any) -> Any:
+    """A scalar recipe value for a list setting becomes a one-item list (`train_data: x.tsv`)."""
+    return [value] if key in LIST_FIELDS and not isinstance(value, list) and value is not None else value
 
 
 def stringify(value: Any) -> Any:

@@ -22,9 +22,8 @@ HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 ROW_COLUMNS = ("anchor", "positive", "negatives", "label")
 
 
-def load_source(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
-    """The raw table of `args.train_data`, before column mapping."""
-    source = args.train_data
+def load_source(source: str, args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
+    """The raw table of one `train_data` source, before column mapping."""
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "qrels").is_dir():
@@ -95,7 +94,8 @@ def column_plan(columns: list[str], args: DataArguments, source: str) -> dict[st
 
 
 def to_rows(table: Any, args: DataArguments, source: str) -> Any:
-    """Map a raw table to rows; rows with an empty anchor, positive or negative are dropped."""
+    """Map a raw table to rows; blank negatives are skipped (a row may have fewer), and rows with an empty
+    anchor or positive are dropped."""
     columns = list(table.column_names or next(iter(table)).keys())
     plan = column_plan(columns, args, source)
 
@@ -104,34 +104,45 @@ def to_rows(table: Any, args: DataArguments, source: str) -> Any:
         return {
             "anchor": batch[plan["anchor"]],
             "positive": batch[plan["positive"]] if plan["positive"] else [None] * size,
-            "negatives": [list(values) for values in zip(*(batch[c] for c in plan["negatives"]))] or [[]] * size,
+            "negatives": [[n for n in values if present(n)] for values in zip(*(batch[c] for c in plan["negatives"]))]
+            or [[]] * size,
             "label": batch[plan["label"]] if plan["label"] else [None] * size,
         }
 
-    rows = table.map(convert, batched=True, remove_columns=columns)
-    if args.max_train_samples is not None:
-        rows = rows.take(args.max_train_samples)
-    return rows.filter(complete, batched=True)
+    return table.map(convert, batched=True, remove_columns=columns).filter(complete, batched=True)
+
+
+def present(text: Any) -> bool:
+    return isinstance(text, str) and bool(text.strip())
 
 
 def complete(batch: dict[str, list]) -> list[bool]:
-    """Keep rows whose texts are all present and non-blank."""
-    def present(text: Any) -> bool:
-        return isinstance(text, str) and bool(text.strip())
-
-    return [
-        present(anchor) and (positive is None or present(positive)) and all(present(n) for n in negatives)
-        for anchor, positive, negatives in zip(batch["anchor"], batch["positive"], batch["negatives"])
-    ]
+    """Keep rows whose anchor and positive (unless a dropout positive) are non-blank."""
+    return [present(a) and (p is None or present(p)) for a, p in zip(batch["anchor"], batch["positive"])]
 
 
 def load_rows(args: DataArguments) -> Any:
-    """Rows of `args.train_data` (see module docstring); errors name the fix before any training starts."""
-    source = args.train_data
-    table = load_source(args)
-    if not args.streaming and len(table) == 0:
-        raise TextclError(f"train_data {source!r} has no rows")
-    rows = to_rows(table, args, source)
-    if not args.streaming and len(rows) == 0:
-        raise TextclError(f"all {len(table)} rows of {source!r} were filtered out (empty anchor/positive/negative)")
+    """Rows of every source in `args.train_data`, concatenated (see module docstring); errors name the
+    fix before any training starts."""
+    parts = []
+    for source in args.train_data:
+        table = load_source(source, args)
+        if not args.streaming and len(table) == 0:
+            raise TextclError(f"train_data {source!r} has no rows")
+        rows = to_rows(table, args, source)
+        if not args.streaming and len(rows) == 0:
+            raise TextclError(f"all {len(table)} rows of {source!r} were filtered out (empty anchor or positive)")
+        parts.append(rows)
+    rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if args.max_train_samples is not None:
+        rows = rows.take(args.max_train_samples)
     return rows
+
+
+def max_negatives(rows: Any) -> int:
+    """The largest number of negatives of any row (of the first 10,000 when streaming)."""
+    sample = rows.take(10_000) if isinstance(rows, datasets.IterableDataset) else rows
+    lengths = sample.map(lambda batch: {"k": [len(n) for n in batch["negatives"]]}, batched=True,
+                         remove_columns=sample.column_names)
+    return max(lengths["k"] if not isinstance(lengths, datasets.IterableDataset) else (r["k"] for r in lengths),
+               default=0)

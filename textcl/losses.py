@@ -57,6 +57,7 @@ class Pool:
     labels: Tensor | None  # [M]
     positive_ids: Tensor | None  # [M]
     negative_ids: Tensor | None  # [M*k]
+    negative_mask: Tensor | None  # [M*k], False where a row has fewer than k negatives (zero padding)
     weights: Tensor  # [b]
     weight_scale: Tensor  # world size / sum of the weights of all processes
 
@@ -129,18 +130,22 @@ class InfoNCELoss(nn.Module):
         labels: Tensor | None = None,
         positive_ids: Tensor | None = None,
         negative_ids: Tensor | None = None,
+        negative_mask: Tensor | None = None,
         weights: Tensor | None = None,
         queue: Tensor | None = None,
         guide: Sequence[Tensor | None] | None = None,
     ) -> Pool:
         """Validate the inputs and gather them across processes (once, even for several Matryoshka dims).
 
-        `labels`, `positive_ids`, `weights` `[B]`; `negative_ids` `[B, k]` (int64 text hashes); `queue` `[K, d]`
+        `labels`, `positive_ids`, `weights` `[B]`; `negative_ids` `[B, k]` (int64 text hashes); `negative_mask`
+        `[B, k]` bool, False for padding where a row has fewer than k negatives (those leave every softmax); `queue` `[K, d]`
         extra negatives (no gradient); `guide`: a frozen guide model's embeddings of the same texts,
         `(anchor [B, g], positive [B, g], negatives [B, k, g] | None)`, used by `false_negative_margin`.
         Under torch.distributed every process must pass the same options (each one is a collective).
         """
         check_shapes(anchor, positive, negatives, labels, positive_ids, negative_ids, weights, queue, guide)
+        if negative_mask is not None and (negatives is None or negative_mask.shape != negatives.shape[:2]):
+            raise TextclError(f"negative_mask must be [batch, k] like the negatives; got {tuple(negative_mask.shape)}")
         if guide is not None and self.false_negative_margin is None:
             raise TextclError("guide embeddings are only used with false_negative_margin; set it or drop guide")
         rank, size = world() if self.gather_across_processes else (0, 1)
@@ -165,6 +170,7 @@ class InfoNCELoss(nn.Module):
             labels=gather(labels),
             positive_ids=gather(positive_ids),
             negative_ids=None if negative_ids is None else gather(negative_ids).reshape(-1),
+            negative_mask=None if negative_mask is None else gather(negative_mask.to(torch.uint8)).reshape(-1).bool(),
             weights=weights,
             weight_scale=len(sizes) / gather(weights.detach()).sum(),
         )
@@ -214,6 +220,10 @@ class InfoNCELoss(nn.Module):
             same_label = pool.labels[owner.clamp(min=0)][None, :] == pool.labels[own]
             positive = positive | same_label & labeled[None, :] & ~is_self
         exclude = is_self
+        if pool.negative_mask is not None and (kind == NEGATIVE).any():
+            padding = torch.zeros_like(kind, dtype=torch.bool)
+            padding[kind == NEGATIVE] = ~pool.negative_mask
+            exclude = exclude | padding[None, :]
         if pool.positive_ids is not None:
             has_id = (kind != QUEUE) & ((kind != NEGATIVE) | (pool.negative_ids is not None))
             exclude = exclude | (ids[None, :] == pool.positive_ids[own]) & has_id[None, :] & ~positive

@@ -12,7 +12,8 @@ that are not known positives, kept by a rank window and NV-Retriever's positive-
    keep a candidate only if score < p - (1 - max_score_ratio) * |p| and score < p - margin, where p is the
    anchor's lowest positive score (TopK-PercPos; with p > 0 the first test is score < max_score_ratio * p).
 5. Take the first `num_negatives` survivors ("top") or a random sample of them ("random"); rows whose
-   anchor has fewer survivors are dropped and counted.
+   anchor has fewer than `min_negatives` survivors (default: all `num_negatives`) are dropped and counted,
+   the other short rows are written with empty negatives (textcl's trainer takes rows with fewer).
 sentence-transformers' `mine_hard_negatives` differs in step 4: it thresholds first and then skips the
 `range_min` best survivors; with range_min=0 both agree.
 """
@@ -40,6 +41,7 @@ class MiningStats:
     rows: int
     rows_kept: int
     rows_too_few_negatives: int
+    rows_short: int
     anchors: int
     mean_positive_score: float
     mean_negative_score: float
@@ -51,7 +53,8 @@ class MiningStats:
         dropped = self.dropped_false_negatives / max(self.candidates, 1)
         return "\n".join([
             f"kept {self.rows_kept:,} of {self.rows:,} rows ({self.anchors:,} distinct anchors); "
-            f"{self.rows_too_few_negatives:,} rows had too few negatives and were dropped",
+            f"{self.rows_too_few_negatives:,} rows had too few negatives and were dropped; "
+            f"{self.rows_short:,} kept rows have fewer than the asked number",
             f"mean score: positive {self.mean_positive_score:.4f}, negative {self.mean_negative_score:.4f}",
             f"candidates in the rank window: {self.candidates:,}; dropped as likely false negatives: "
             f"{self.dropped_false_negatives:,} ({dropped:.1%})",
@@ -131,6 +134,7 @@ def mine_hard_negatives(
     corpus: Sequence[str] = (),
     *,
     num_negatives: int = 5,
+    min_negatives: int | None = None,
     range_min: int = 10,
     range_max: int = 100,
     max_score_ratio: float | None = 0.95,
@@ -149,7 +153,8 @@ def mine_hard_negatives(
 ) -> MinedNegatives:
     """Mine `num_negatives` hard negatives for each pair (anchors[i], positives[i]); see the module docstring.
 
-    `max_score_ratio` or `margin` None turns that test off. Returns the output columns and `MiningStats`.
+    `max_score_ratio` or `margin` None turns that test off; `min_negatives` (default `num_negatives`) is
+    the fewest negatives a kept row may have. Returns the output columns and `MiningStats`.
     """
     check_options(num_negatives, range_min, range_max, max_score_ratio, sampling)
     if len(anchors) != len(positives) or not anchors:
@@ -199,23 +204,26 @@ def mine_hard_negatives(
     keep = window & (scores < threshold[:, None])
     chosen = choose(keep, num_negatives, sampling, seed)  # step 5
     picked = np.argsort(~chosen, axis=1, kind="stable")[:, :num_negatives]
-    rows = np.flatnonzero((chosen.sum(axis=1) == num_negatives)[row_anchor])
+    counts = chosen.sum(axis=1)[row_anchor]
+    rows = np.flatnonzero(counts >= (num_negatives if min_negatives is None else min_negatives))
     negatives = np.take_along_axis(indices, picked, axis=1)[row_anchor[rows]]
     negative_scores = np.take_along_axis(scores, picked, axis=1)[row_anchor[rows]]
+    filled = np.take_along_axis(chosen, picked, axis=1)[row_anchor[rows]]
 
     columns: dict[str, list] = {"anchor": [anchors[r] for r in rows], "positive": [positives[r] for r in rows]}
     for j in range(num_negatives):
-        columns[f"negative_{j + 1}"] = [candidates.texts[i] for i in negatives[:, j]]
+        columns[f"negative_{j + 1}"] = [candidates.texts[i] if ok else "" for i, ok in zip(negatives[:, j], filled[:, j])]
     columns["positive_score"] = positive_scores[rows].tolist()
     for j in range(num_negatives):
-        columns[f"negative_{j + 1}_score"] = negative_scores[:, j].tolist()
+        columns[f"negative_{j + 1}_score"] = [float(v) if ok else None for v, ok in zip(negative_scores[:, j], filled[:, j])]
     stats = MiningStats(
         rows=len(anchors),
         rows_kept=len(rows),
         rows_too_few_negatives=len(anchors) - len(rows),
+        rows_short=int((counts[rows] < num_negatives).sum()),
         anchors=len(distinct),
         mean_positive_score=float(positive_scores[rows].mean()) if len(rows) else float("nan"),
-        mean_negative_score=float(negative_scores.mean()) if len(rows) else float("nan"),
+        mean_negative_score=float(negative_scores[filled].mean()) if filled.any() else float("nan"),
         candidates=int(window.sum()),
         dropped_false_negatives=int((window & ~keep).sum()),
         known_positives_excluded=int(known_hit.sum()),

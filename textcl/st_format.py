@@ -8,7 +8,10 @@ Written layout (the classic format that sentence-transformers 3.x to 6.x all loa
     1_Pooling/config.json                             the pooling mode
     2_Dense/config.json + model.safetensors           when the encoder has a Dense projection
     N_Normalize/                                      when the encoder normalizes
-Read: that layout, the newer one sentence-transformers 6 writes, and plain `transformers` folders.
+    README.md                                         the model card (`textcl.model_card`)
+A LoRA-wrapped encoder writes adapter_config.json + adapter_model.safetensors instead of config.json +
+model.safetensors (sentence-transformers loads such folders through peft; see `textcl.lora`).
+Read: that layout, the newer one sentence-transformers 6 writes, plain `transformers` folders and adapters.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from textcl.errors import TextclError
+from textcl.lora import is_adapter, is_adapter_folder, load_adapter_model, remove_other_format
+from textcl.model_card import write_model_card
 from textcl.modeling import Encoder
 
 logger = logging.getLogger(__name__)
@@ -162,11 +167,12 @@ def load_encoder(
     """Load an `Encoder`; explicit arguments override what the folder says.
 
     A plain `transformers` folder (no modules.json) gets mean pooling, with a warning unless `pooling` is given.
+    A LoRA adapter folder (`adapter_config.json`) loads its base model with the adapter applied.
     """
     root = resolve_model_dir(model_name_or_path, revision)
     if (root / "modules.json").exists():
         spec = read_st_folder(root)
-    elif (root / "config.json").exists():
+    elif (root / "config.json").exists() or is_adapter_folder(root):
         spec = {"transformer_dir": root, "normalize": False}
         if pooling is None:
             logger.warning("%s is a plain transformers model; using mean pooling (pass pooling= to choose)", root)
@@ -177,7 +183,10 @@ def load_encoder(
         )
     transformer_dir = spec.pop("transformer_dir")
     try:
-        model = transformers.AutoModel.from_pretrained(transformer_dir, trust_remote_code=trust_remote_code)
+        if is_adapter_folder(transformer_dir):
+            model = load_adapter_model(transformer_dir, trust_remote_code)
+        else:
+            model = transformers.AutoModel.from_pretrained(transformer_dir, trust_remote_code=trust_remote_code)
         tokenizer = transformers.AutoTokenizer.from_pretrained(transformer_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
@@ -204,12 +213,14 @@ def write_json(path: Path, data: Any) -> None:
 def save_encoder(encoder: Encoder, path: str | Path) -> None:
     """Write `encoder` as a sentence-transformers folder (layout in the module docstring).
 
-    The training-only MLP head is not written: a saved model is what inference uses.
+    The training-only MLP head is not written: a saved model is what inference uses. README.md gets a
+    card describing the model alone; the trainer replaces it with one describing the training run.
     """
     from textcl import __version__
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
+    remove_other_format(root, adapter=is_adapter(encoder.model))
     encoder.model.save_pretrained(root)
     encoder.tokenizer.model_max_length = encoder.max_seq_length
     encoder.tokenizer.save_pretrained(root)
@@ -246,3 +257,4 @@ def save_encoder(encoder: Encoder, path: str | Path) -> None:
     }
     st_config = {"__version__": versions, "prompts": encoder.prompts, "default_prompt_name": None}
     write_json(root / "config_sentence_transformers.json", st_config | {"similarity_fn_name": "cosine"})
+    write_model_card(encoder, root)

@@ -15,8 +15,11 @@ from textcl.errors import TextclError
 
 
 @torch.no_grad()
-def contrastive_stats(anchor: Tensor, positive: Tensor, negatives: Tensor | None = None) -> dict[str, float]:
-    """Statistics of `anchor`, `positive` `[B, d]` and optional hard `negatives` `[B, k, d]`.
+def contrastive_stats(
+    anchor: Tensor, positive: Tensor, negatives: Tensor | None = None, negative_mask: Tensor | None = None
+) -> dict[str, float]:
+    """Statistics of `anchor`, `positive` `[B, d]` and optional hard `negatives` `[B, k, d]` (with a `[B, k]`
+    `negative_mask`, False marking padding, only the real ones count).
 
     Keys: `positive_similarity` (mean cosine of the pairs), `negative_similarity` (mean cosine of each
     anchor to every other row's positive and to all hard negatives; NaN when there are none),
@@ -27,7 +30,9 @@ def contrastive_stats(anchor: Tensor, positive: Tensor, negatives: Tensor | None
                           f"{tuple(anchor.shape)} and {tuple(positive.shape)}")
     a, p = F.normalize(anchor.float(), dim=-1), F.normalize(positive.float(), dim=-1)
     batch = a.shape[0]
-    candidates = p if negatives is None else torch.cat([p, F.normalize(negatives.float(), dim=-1).flatten(0, 1)])
+    if negatives is not None:
+        negatives = negatives.flatten(0, 1) if negative_mask is None else negatives[negative_mask]
+    candidates = p if negatives is None else torch.cat([p, F.normalize(negatives.float(), dim=-1)])
     sim = a @ candidates.T
     positive_sim = sim.diagonal()
     is_negative = torch.ones_like(sim, dtype=torch.bool)

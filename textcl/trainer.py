@@ -54,6 +54,10 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         args = config.training
+        if args.push_to_hub:
+            from textcl.hub import require_token
+
+            require_token()  # a missing token stops the run before training, not after it
         self.output_dir = Path(args.output_dir)
         mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
         self.accelerator = Accelerator(
@@ -89,6 +93,7 @@ class Trainer:
         for stateful in (self.scheduler, self.position, self.loss, *self.steps.stateful()):
             self.accelerator.register_for_checkpointing(stateful)
         self.resume_from = resolve_resume(self.output_dir, args.resume_from_checkpoint)
+        self.dropout_positives = self.hard_negatives = False  # what the batches held, for the model card
 
     def start_epoch(self, epoch: int) -> None:
         """Point the batcher, the collator's augmentations and accelerate's loader at `epoch`.
@@ -135,7 +140,7 @@ class Trainer:
             self.position.best_metric = value
             if self.accelerator.is_main_process:
                 staging = self.output_dir / ".best_model.tmp"
-                self.unwrapped().save(staging)
+                self.save_model(staging)
                 replace_dir(staging, self.output_dir / "best_model")
             self.accelerator.wait_for_everyone()
 
@@ -157,6 +162,8 @@ class Trainer:
             if position.batches_in_epoch:
                 loader = accelerator.skip_first_batches(loader, position.batches_in_epoch)
             for batch in loader:
+                self.dropout_positives |= batch["positive"] is None
+                self.hard_negatives |= batch["negatives"] is not None
                 with accelerator.accumulate(self.model):
                     loss = self.steps.backward(batch)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -211,11 +218,54 @@ class Trainer:
                     shutil.move(str(item), target)
                 best.rmdir()
             else:
-                self.unwrapped().save(self.output_dir)
+                self.save_model(self.output_dir)
             self.write_run_file(metrics)
+            self.write_card(metrics)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        args = self.config.training
+        if args.push_to_hub and self.accelerator.is_main_process:
+            from textcl.hub import push_to_hub
+
+            repo_id = args.hub_model_id or self.output_dir.resolve().name
+            url = push_to_hub(self.output_dir, repo_id, private=args.hub_private_repo, revision=args.hub_revision)
+            print(f"pushed {self.output_dir} to {url}")
         return metrics
+
+    def save_model(self, path: Path) -> None:
+        """Save the trained encoder; with `lora_merge`, a copy with the adapter merged into full weights."""
+        encoder = self.unwrapped()
+        if self.config.model.lora_merge:
+            from textcl.lora import merged
+
+            encoder = merged(encoder)
+        encoder.save(path)
+
+    def saved_evaluation(self, metrics: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        """(evaluation, step) of the saved model: the final `metrics`, or, when metric_for_best_model kept an
+        earlier model, that model's evaluation as logged in metrics.jsonl (step None: the final model)."""
+        name, best = self.config.training.metric_for_best_model, self.position.best_metric
+        if not name or best is None:
+            return metrics, None
+        for line in (self.output_dir / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if ("sts" in record or "retrieval" in record) and lookup(record, name) == best:
+                return {key: record[key] for key in ("sts", "retrieval") if key in record}, record["step"]
+        return metrics, None
+
+    def write_card(self, metrics: dict[str, Any]) -> None:
+        """README.md describing this run (replaces the model-only card that saving wrote)."""
+        from textcl.model_card import TrainingRun, write_model_card
+
+        evaluation, best_step = self.saved_evaluation(metrics)
+        run = TrainingRun(
+            config=self.config.to_dict(), metrics=evaluation, steps=self.position.step,
+            num_processes=self.accelerator.num_processes,
+            train_rows=None if self.config.data.streaming else len(self.loader.dataset),
+            best_step=best_step, dropout_positives=self.dropout_positives, hard_negatives=self.hard_negatives,
+        )
+        model_id = self.config.training.hub_model_id or self.output_dir.resolve().name
+        write_model_card(self.unwrapped(), self.output_dir, run, model_id)
 
     def write_run_file(self, metrics: dict[str, Any]) -> None:
         """textcl.json: the resolved config (rerunnable as a recipe) and the final metrics."""

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 from textcl.collator import AUGMENTATIONS, ContrastiveCollator
 from textcl.config import LossArguments, ModelArguments, TrainConfig, TrainingArguments
-from textcl.data import load_rows
+from textcl.data import load_rows, max_negatives
 from textcl.errors import TextclError
+from textcl.lora import add_lora, is_adapter
 from textcl.losses import InfoNCELoss, MatryoshkaLoss
 from textcl.modeling import Encoder
 from textcl.queue import MomentumEncoder
@@ -21,7 +22,8 @@ from textcl.sampler import NoDuplicatesBatchSampler, StreamBatches, row_ids
 
 
 def build_encoder(args: ModelArguments) -> Encoder:
-    """Load the model; `pooling: cls_mlp` is SimCSE's cls pooling with a training-only MLP head."""
+    """Load the model; `pooling: cls_mlp` is SimCSE's cls pooling with a training-only MLP head; `lora` trains
+    a LoRA adapter (`textcl.lora`) instead of all weights."""
     mlp_head = args.pooling == "cls_mlp"
     prompts = {name: text for name, text in (("query", args.query_prompt), ("document", args.document_prompt)) if text}
     encoder = Encoder.load(
@@ -33,6 +35,8 @@ def build_encoder(args: ModelArguments) -> Encoder:
         mlp_head=mlp_head,
         trust_remote_code=args.trust_remote_code,
     )
+    if is_adapter(encoder.model) and not args.lora:  # full fine-tuning from an adapter folder: merge it first
+        encoder.model = encoder.model.merge_and_unload().requires_grad_(True)
     if args.dense_dim and encoder.dense is None:
         encoder.add_dense(args.dense_dim)
     if args.dropout is not None:
@@ -40,6 +44,8 @@ def build_encoder(args: ModelArguments) -> Encoder:
     pooler = getattr(encoder.model, "pooler", None)
     if isinstance(pooler, nn.Module):
         pooler.requires_grad_(False)  # unused by pooling; trainable it would leave DDP waiting for its gradient
+    if args.lora:
+        add_lora(encoder, args)  # after set_dropout, which would otherwise also reset lora_dropout
     return encoder
 
 
@@ -75,6 +81,7 @@ def build_loader(config: TrainConfig, encoder: Encoder, accelerator: Accelerator
         tokenizer=encoder.tokenizer,
         query_max_length=data.query_max_length or encoder.max_seq_length,
         passage_max_length=data.passage_max_length or encoder.max_seq_length,
+        num_negatives=max_negatives(rows),
         query_prompt=encoder.prompts.get("query", ""),
         document_prompt=encoder.prompts.get("document", ""),
         augment=tuple(data.augment),
@@ -127,10 +134,14 @@ def build_helpers(args: LossArguments, encoder: Encoder, device: torch.device) -
 
 
 def build_optimizer(encoder: Encoder, loss: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms (1-d tensors), the transformers convention."""
+    """AdamW; no weight decay on biases and norms (1-d tensors), the transformers convention.
+
+    The fused kernel updates each parameter in one pass over memory instead of several: on CPU, where
+    AdamW over MiniLM's 22.7M parameters is memory-bound, that alone is several percent of a step.
+    """
     params = [p for p in [*encoder.parameters(), *loss.parameters()] if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=True)

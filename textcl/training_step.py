@@ -34,15 +34,21 @@ def groups_of(batch: dict[str, Any]) -> list[Features]:
 
 
 def split_views(embeddings: list[Tensor], batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Group embeddings -> anchor `[B, d]`, positive `[B, d]`, negatives `[B, k, d]` or None."""
+    """Group embeddings -> anchor `[B, d]`, positive `[B, d]`, negatives `[B, k, d]` (zeros where
+    `negative_mask` marks padding) or None."""
     size = batch["anchor_ids"].shape[0]
     first, *rest = embeddings
     if batch["positive"] is None:
         anchor, positive = first[:size], first[size:]
     else:
         anchor, positive = first, rest.pop(0)
-    negatives = rest[0].view(size, -1, rest[0].shape[-1]) if rest else None
-    return anchor, positive, negatives
+    mask = batch["negative_mask"]
+    if mask is None:
+        return anchor, positive, None
+    real = rest[0] if rest else first.new_zeros(0, first.shape[1])
+    slots = mask.flatten().nonzero().squeeze(1)
+    negatives = first.new_zeros(mask.numel(), first.shape[1]).index_copy(0, slots, real)
+    return anchor, positive, negatives.view(*mask.shape, -1)
 
 
 class StepRunner:
@@ -69,7 +75,7 @@ class StepRunner:
         if self.queue is not None:
             self.queue.to(accelerator.device)
         self.keys: Tensor | None = None
-        self.last_views: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self.last_views: tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None = None
 
     def stateful(self) -> list[Any]:
         """Objects whose state belongs in checkpoints."""
@@ -77,7 +83,7 @@ class StepRunner:
 
     def extras(self, batch: dict[str, Any], groups: list[Features]) -> dict[str, Any]:
         """Loss keyword arguments besides the embeddings: ids, labels, queue, guide embeddings."""
-        extras: dict[str, Any] = {"labels": batch["labels"]}
+        extras: dict[str, Any] = {"labels": batch["labels"], "negative_mask": batch["negative_mask"]}
         if self.mask_duplicates:
             extras |= {"positive_ids": batch["positive_ids"], "negative_ids": batch["negative_ids"]}
         if self.queue is not None:
@@ -97,7 +103,8 @@ class StepRunner:
 
         def compute(embeddings: list[Tensor]) -> Tensor:
             anchor, positive, negatives = split_views(embeddings, batch)
-            self.last_views = (anchor.detach(), positive.detach(), None if negatives is None else negatives.detach())
+            detached = None if negatives is None else negatives.detach()
+            self.last_views = (anchor.detach(), positive.detach(), detached, batch["negative_mask"])
             return self.loss(anchor, positive, negatives, **extras)
 
         if self.chunk_size:
