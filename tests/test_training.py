@@ -45,11 +45,13 @@ def sentences_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "pairs.tsv"
-    texts = [row["text"] for row in demo_rows()[:400]]  # negatives never repeat an anchor: batches stay the same
+    # Positives are an anchor's first 3-11 words, so anchors and positives sort differently by length;
+    # negatives never repeat an anchor, so batches stay the same whatever the batch size.
+    texts = [row["text"] for row in demo_rows()[:400]]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t")
         writer.writerow(["anchor", "positive", "negative"])
-        writer.writerows((t, " ".join(t.split()[::-1]), texts[200 + i]) for i, t in enumerate(texts[:200]))
+        writer.writerows((t, " ".join(t.split()[: 3 + i % 9]), texts[200 + i]) for i, t in enumerate(texts[:200]))
     return path
 
 
@@ -165,3 +167,26 @@ def test_bad_runs_stop_before_training_with_one_line(
     assert len(errors) == 1, errors
     assert re.search(message, errors[0]), errors[0]
     assert not list(tmp_path.rglob("checkpoint-*")) and not list(tmp_path.rglob("model.safetensors"))
+
+
+def test_length_sorted_chunks_give_the_loss_of_the_unsorted_batch(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    """Embedding in length-sorted chunks of 3 rows (each padded to its own longest text) gives, at step 1,
+    the loss of the first batch computed directly from whole, unsorted forwards (dropout off)."""
+    from textcl.config import load_config
+    from textcl.losses import InfoNCELoss
+    from textcl.training_setup import build_encoder, build_loader
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, pairs_file, max_steps=1, dropout=0.0, pooling="mean")
+    assert main(["train", str(recipe), "--forward_chunk_size", "3"]) == 0
+    config = load_config(str(recipe), ["--output_dir", str(tmp_path / "unused")])
+    encoder = build_encoder(config.model)
+    loader, _, _ = build_loader(config, encoder, type("One", (), {"num_processes": 1, "process_index": 0})())
+    batch = next(iter(loader))
+    with torch.no_grad():
+        anchor, positive = encoder(**batch["anchor"]), encoder(**batch["positive"])
+        negatives = encoder(**batch["negatives"]).view(8, 1, -1)
+        expected = InfoNCELoss(temperature=0.05)(anchor, positive, negatives, negative_mask=batch["negative_mask"],
+                                                 positive_ids=batch["positive_ids"], negative_ids=batch["negative_ids"])
+    assert losses(tmp_path / "out")[0] == pytest.approx(expected.item(), abs=1e-6)

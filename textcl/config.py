@@ -120,6 +120,11 @@ class TrainingArguments:
     bf16: bool = False
     fp16: bool = False
     use_cpu: bool = False
+    forward_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Embed each group in length-sorted chunks of this many rows, each padded to its own "
+                  "longest text (the loss still sees the whole batch). Default: 32 on CPU, 0 (whole groups) on GPU."},
+    )
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     dataloader_drop_last: bool = False
