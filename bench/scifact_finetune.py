@@ -12,7 +12,8 @@ Sides:
   textcl       textcl's retrieval-hardneg recipe (`--recipe`), including its hard-negative mining, whose time
                counts towards the wall time (mining runs uncached for every seed).
 Every model is evaluated on SciFact test with textcl's evaluator (trec_eval conventions) after reloading
-the saved folder in fp32. Wall time covers mining + training, not evaluation.
+the saved folder in fp32, and on STS-B test (the cost of retrieval tuning to similarity). Wall time covers
+mining + training, not evaluation.
 """
 
 from __future__ import annotations
@@ -86,10 +87,13 @@ def mine(recipe: str, folder: Path) -> Path:
 
 
 def evaluate(folder: Path) -> dict[str, float]:
+    """SciFact test retrieval, and STS-B test Spearman (does retrieval tuning cost similarity?)."""
     from textcl import Encoder
-    from textcl.evaluation import evaluate_retrieval
+    from textcl.evaluation import evaluate_retrieval, evaluate_sts
 
-    return evaluate_retrieval(Encoder.load(folder / "model"), SCIFACT, "test", k_values=(10, 100))
+    encoder = Encoder.load(folder / "model")
+    metrics = evaluate_retrieval(encoder, SCIFACT, "test", k_values=(10, 100))
+    return {**metrics, "stsb": evaluate_sts(encoder, SHARED / "stsb" / "test.tsv")["spearman"]}
 
 
 def main() -> None:
@@ -108,16 +112,17 @@ def main() -> None:
                 else:
                     seconds = textcl(seed, folder, args.recipe if side == "textcl" else None)
                 metrics = evaluate(folder)
-            row = {"seed": seed, "seconds": seconds, **{k: metrics[k] for k in ("ndcg@10", "mrr@10", "recall@100")}}
+            row = {"seed": seed, "seconds": seconds, **{k: metrics[k] for k in ("ndcg@10", "mrr@10", "recall@100")},
+                   "stsb": metrics["stsb"]}
             results[side].append(row)
             print(f"RUN {side} {json.dumps(row)}", flush=True)
-    print("\nside          seeds  nDCG@10 (mean ± sd)   MRR@10  R@100   wall s (mean)")
+    print("\nside          seeds  nDCG@10 (mean ± sd)   MRR@10  R@100   STS-B  wall s (mean)")
     for side, rows in results.items():
         ndcg = [r["ndcg@10"] for r in rows]
         spread = statistics.stdev(ndcg) if len(ndcg) > 1 else 0.0
         print(f"{side:12s} {len(rows):5d}  {statistics.mean(ndcg):.4f} ± {spread:.4f}      "
               f"{statistics.mean(r['mrr@10'] for r in rows):.4f}  {statistics.mean(r['recall@100'] for r in rows):.4f}"
-              f"  {statistics.mean(r['seconds'] for r in rows):7.1f}")
+              f"  {statistics.mean(r['stsb'] for r in rows):.4f}  {statistics.mean(r['seconds'] for r in rows):7.1f}")
 
 
 if __name__ == "__main__":

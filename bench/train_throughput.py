@@ -9,6 +9,7 @@
 Each run is a fresh subprocess (so peak RSS is per run), alternating textcl and the peer `--repeats`
 times; the best samples/s of each side is compared. samples/s counts anchors (rows) per second of the
 training loop as each trainer reports it (`train_samples_per_second`), setup and saving excluded.
+Unsupervised data reaches the peer as (s, s) pairs and textcl as a text file (its dropout-positive input).
 The peer is `SentenceTransformerTrainer` with (Cached)MultipleNegativesRankingLoss (scale 20 = temperature
 0.05) and its no-duplicates batch sampler; textcl runs `textcl.trainer.train` with InfoNCE at 0.05.
 """
@@ -51,10 +52,15 @@ def run_textcl(mode: dict, columns: dict[str, list[str]], steps: int, bf16: bool
     from textcl.config import TrainConfig
     from textcl.trainer import train
 
-    Dataset.from_dict(columns).to_json(folder / "train.jsonl")
+    if columns["anchor"] is columns["positive"]:  # unsupervised: textcl's own input for it, one text a line
+        data = folder / "train.txt"
+        data.write_text("\n".join(columns["anchor"]) + "\n")
+    else:
+        data = folder / "train.jsonl"
+        Dataset.from_dict(columns).to_json(data)
     settings = {
         "model_name_or_path": minilm_path(), "max_seq_length": mode["max_length"],
-        "query_max_length": mode["query_length"], "train_data": str(folder / "train.jsonl"),
+        "query_max_length": mode["query_length"], "train_data": str(data),
         "temperature": 0.05, "gradcache_chunk_size": mode["chunk"], "output_dir": str(folder / "out"),
         "per_device_train_batch_size": mode["batch"], "max_steps": steps, "learning_rate": 2e-5,
         "bf16": bf16, "logging_steps": steps, "dataloader_drop_last": True,
@@ -120,7 +126,8 @@ def main() -> None:
     for side, result in best.items():
         print(f"{side:7s} {precision[side]:5s} {result['samples_per_second']:7.2f} samples/s  "
               f"peak RSS {result['peak_rss_gib']:.2f} GiB")
-    print(f"ratio textcl/peer samples/s: {best['textcl']['samples_per_second'] / best['peer']['samples_per_second']:.3f}"
+    speed = best["textcl"]["samples_per_second"] / best["peer"]["samples_per_second"]
+    print(f"ratio textcl/peer samples/s: {speed:.3f}"
           f"  peak RSS ratio: {best['textcl']['peak_rss_gib'] / best['peer']['peak_rss_gib']:.3f}")
 
 

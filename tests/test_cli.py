@@ -25,7 +25,8 @@ def test_help_and_version() -> None:
 
 def test_encode_writes_the_same_vectors_as_the_api(tiny_model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
-    result = textcl("encode", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "e.npy"))
+    result = textcl("encode", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"),
+                    "--output", str(tmp_path / "e.npy"))
     assert result.returncode == 0, result.stderr
     expected = Encoder.load(tiny_model_dir).encode(SENTENCES)
     assert np.allclose(np.load(tmp_path / "e.npy"), expected, atol=1e-6)

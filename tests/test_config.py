@@ -19,7 +19,8 @@ def recipe(tmp_path: Path, text: str) -> str:
 
 
 def test_yaml_values_are_typed_and_overrides_win(tmp_path: Path) -> None:
-    path = recipe(tmp_path, "learning_rate: 3e-5\nsymmetric: true\neval_sts: [a.tsv, b.tsv]\nmatryoshka_dims: [64, 32]\n")
+    path = recipe(tmp_path, "learning_rate: 3e-5\nsymmetric: true\neval_sts: [a.tsv, b.tsv]\n"
+                            "matryoshka_dims: [64, 32]\n")
     config = load_config(path, ["--per_device_train_batch_size", "8", "--learning_rate", "1e-4", "--bf16"])
     assert config.training.learning_rate == pytest.approx(1e-4)
     assert config.training.per_device_train_batch_size == 8 and config.training.bf16

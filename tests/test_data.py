@@ -63,7 +63,8 @@ def test_jsonl_and_parquet_with_mapped_columns_and_labels(tmp_path: Path) -> Non
     import pandas as pd
 
     pd.DataFrame(records).to_parquet(tmp_path / "x.parquet")
-    rows = rows_of(train_data=str(tmp_path / "x.parquet"), anchor_column="q", label_column="y", positive_column="positive")
+    rows = rows_of(train_data=str(tmp_path / "x.parquet"), anchor_column="q", label_column="y",
+                   positive_column="positive")
     assert [(r["anchor"], r["positive"], r["label"]) for r in rows] == [("a", None, 1), ("c", None, 0)]
 
 
@@ -90,8 +91,10 @@ def test_streaming_reads_lazily(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("setup", "kwargs", "message"),
     [
-        (lambda p: write_tsv(p / "a.tsv", ["query", "doc"], [["x", "y"]]), {}, "anchor column 'anchor' not in .*columns found: query, doc"),
-        (lambda p: write_tsv(p / "a.tsv", ["anchor", "doc"], [["x", "y"]]), {}, "positive column 'positive' .*positive_column: null"),
+        (lambda p: write_tsv(p / "a.tsv", ["query", "doc"], [["x", "y"]]), {},
+         "anchor column 'anchor' not in .*columns found: query, doc"),
+        (lambda p: write_tsv(p / "a.tsv", ["anchor", "doc"], [["x", "y"]]), {},
+         "positive column 'positive' .*positive_column: null"),
         (lambda p: write_tsv(p / "a.tsv", ["anchor", "positive"], [["", "y"]]), {}, "all 1 rows .* were filtered out"),
         (lambda p: (p / "e.tsv").write_text("") or str(p / "e.tsv"), {}, "is empty"),
         (lambda p: write_tsv(p / "h.tsv", ["anchor", "positive"], []), {}, "has no rows"),

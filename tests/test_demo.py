@@ -30,7 +30,9 @@ def test_beir_folder_marks_same_source_documents_relevant(tmp_path: Path) -> Non
         assert {source[doc_id] for doc_id in relevant} == {source[query_id]}
 
 
-def test_demo_runs_end_to_end_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_demo_runs_end_to_end_on_a_tiny_model(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     results = run(str(tiny_model_dir), str(tmp_path / "model"))
     printed = capsys.readouterr().out
     assert "ndcg@10" in printed and (tmp_path / "model" / "modules.json").exists()

@@ -72,7 +72,8 @@ def test_thirty_steps_reduce_the_loss_and_save_a_sentence_transformers_folder(
     st = pytest.importorskip("sentence_transformers")
     ours = Encoder.load(out)
     assert ours.dim == 16 and ours.normalize
-    assert np.allclose(ours.encode(SENTENCES), st.SentenceTransformer(str(out), device="cpu").encode(SENTENCES), atol=1e-5)
+    assert np.allclose(ours.encode(SENTENCES), st.SentenceTransformer(str(out), device="cpu").encode(SENTENCES),
+                       atol=1e-5)
     run = json.loads((out / "textcl.json").read_text())
     assert run["config"]["max_steps"] == 30 and run["config"]["dense_dim"] == 16
 
@@ -102,7 +103,8 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(
               str(recipe), "--output_dir", str(tmp_path / "two")]
     result = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert main(["train", str(recipe), "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"]) == 0
+    assert main(["train", str(recipe), "--output_dir", str(tmp_path / "one"),
+                 "--per_device_train_batch_size", "16"]) == 0
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert len(two) == len(one) == 3
     assert two[0] == pytest.approx(one[0], abs=1e-6)
@@ -114,7 +116,9 @@ def train_process(recipe: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkilled_run_resumes_to_the_same_parameters(tiny_model_dir: Path, sentences_file: Path, tmp_path: Path) -> None:
+def test_sigkilled_run_resumes_to_the_same_parameters(
+    tiny_model_dir: Path, sentences_file: Path, tmp_path: Path
+) -> None:
     """Dropout on, 60 steps over epochs of 40 batches, a checkpoint every 7 steps: the kill lands mid-epoch
     and the resumed run crosses an epoch boundary."""
     recipe = write_recipe(tmp_path, tiny_model_dir, sentences_file, max_steps=60, save_steps=7, save_total_limit=2)
@@ -132,7 +136,8 @@ def test_sigkilled_run_resumes_to_the_same_parameters(tiny_model_dir: Path, sent
     resumed = train_process(recipe, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint", "latest")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     assert full.wait(timeout=300) == 0, full.stderr.read()[-3000:]
-    expected, got = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    expected = load_file(tmp_path / "full" / "model.safetensors")
+    got = load_file(tmp_path / "killed" / "model.safetensors")
     for name, value in expected.items():
         assert torch.allclose(got[name], value, atol=1e-6), name
     assert len(list((tmp_path / "killed").glob("checkpoint-*"))) == 2
@@ -145,7 +150,8 @@ def bad_runs(tmp_path: Path, model: Path, pairs: Path) -> list[tuple[dict, list[
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "textcl.json").write_text("{}")
     return [
-        ({"anchor_column": "question"}, [], "anchor column 'question' not in .*columns found: anchor, positive, negative"),
+        ({"anchor_column": "question"}, [],
+         "anchor column 'question' not in .*columns found: anchor, positive, negative"),
         ({"train_data": str(tmp_path / "empty.tsv")}, [], "has no rows"),
         ({"train_data": str(tmp_path / "blank.tsv")}, [], "all 1 rows .* were filtered out"),
         ({"learning_rat": 0.1}, [], "unknown recipe key 'learning_rat'; did you mean 'learning_rate'"),

@@ -315,7 +315,8 @@ def run_merge(args: argparse.Namespace) -> None:
     from textcl.modeling import Encoder
 
     if not is_adapter_folder(Path(args.adapter)):
-        raise TextclError(f"{args.adapter!r} holds no LoRA adapter (no adapter_config.json); it is already a full model")
+        raise TextclError(f"{args.adapter!r} holds no LoRA adapter (no adapter_config.json); "
+                          "it is already a full model")
     merged(Encoder.load(args.adapter)).save(args.output)
     print(f"wrote {args.output}: {args.adapter} merged into its base model")
 

@@ -96,8 +96,12 @@ class ContrastiveCollator:
             batch["positive"] = self.tokenize([self.document_prompt + p for p in positives], self.passage_max_length)
         if self.num_negatives:
             missing = [self.num_negatives - len(row) for row in negatives]
-            batch["negative_ids"] = torch.tensor([[text_id(n) for n in row] + [0] * m for row, m in zip(negatives, missing)])
-            batch["negative_mask"] = torch.tensor([[True] * len(row) + [False] * m for row, m in zip(negatives, missing)])
+            batch["negative_ids"] = torch.tensor(
+                [[text_id(n) for n in row] + [0] * m for row, m in zip(negatives, missing)]
+            )
+            batch["negative_mask"] = torch.tensor(
+                [[True] * len(row) + [False] * m for row, m in zip(negatives, missing)]
+            )
             if flat_negatives:
                 texts = [self.document_prompt + n for n in flat_negatives]
                 batch["negatives"] = self.tokenize(texts, self.passage_max_length)

@@ -24,7 +24,8 @@ def require_token() -> str:
         raise TextclError("HF_HUB_OFFLINE is set: unset it (or set it to 0) to push to the Hugging Face Hub")
     token = get_token()
     if not token:
-        raise TextclError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN (a token with write access)")
+        raise TextclError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN "
+                          "(a token with write access)")
     return token
 
 

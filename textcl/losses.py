@@ -138,8 +138,8 @@ class InfoNCELoss(nn.Module):
         """Validate the inputs and gather them across processes (once, even for several Matryoshka dims).
 
         `labels`, `positive_ids`, `weights` `[B]`; `negative_ids` `[B, k]` (int64 text hashes); `negative_mask`
-        `[B, k]` bool, False for padding where a row has fewer than k negatives (those leave every softmax); `queue` `[K, d]`
-        extra negatives (no gradient); `guide`: a frozen guide model's embeddings of the same texts,
+        `[B, k]` bool, False for padding where a row has fewer than k negatives (those leave every softmax);
+        `queue` `[K, d]` extra negatives (no gradient); `guide`: a frozen guide model's embeddings of the same texts,
         `(anchor [B, g], positive [B, g], negatives [B, k, g] | None)`, used by `false_negative_margin`.
         Under torch.distributed every process must pass the same options (each one is a collective).
         """

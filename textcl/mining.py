@@ -212,10 +212,14 @@ def mine_hard_negatives(
 
     columns: dict[str, list] = {"anchor": [anchors[r] for r in rows], "positive": [positives[r] for r in rows]}
     for j in range(num_negatives):
-        columns[f"negative_{j + 1}"] = [candidates.texts[i] if ok else "" for i, ok in zip(negatives[:, j], filled[:, j])]
+        columns[f"negative_{j + 1}"] = [
+            candidates.texts[i] if ok else "" for i, ok in zip(negatives[:, j], filled[:, j])
+        ]
     columns["positive_score"] = positive_scores[rows].tolist()
     for j in range(num_negatives):
-        columns[f"negative_{j + 1}_score"] = [float(v) if ok else None for v, ok in zip(negative_scores[:, j], filled[:, j])]
+        columns[f"negative_{j + 1}_score"] = [
+            float(v) if ok else None for v, ok in zip(negative_scores[:, j], filled[:, j])
+        ]
     stats = MiningStats(
         rows=len(anchors),
         rows_kept=len(rows),

@@ -20,7 +20,9 @@ from textcl.collator import text_id
 T = TypeVar("T")
 
 
-def greedy_batches(items: Iterable[T], ids_of: Callable[[T], set[int]], batch_size: int, drop_last: bool) -> Iterator[list[T]]:
+def greedy_batches(
+    items: Iterable[T], ids_of: Callable[[T], set[int]], batch_size: int, drop_last: bool
+) -> Iterator[list[T]]:
     """Group `items` in order into batches whose id sets are disjoint; clashing items wait for the next batch."""
     batch: list[T] = []
     seen: set[int] = set()
@@ -114,7 +116,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
     """Batches (lists of rows) drawn from a streaming dataset through a shuffle buffer, no duplicates."""
 
     def __init__(self, rows: Any, batch_size: int, seed: int, drop_last: bool, buffer_size: int = 10_000) -> None:
-        self.rows, self.batch_size, self.drop_last = rows.shuffle(seed=seed, buffer_size=buffer_size), batch_size, drop_last
+        self.rows = rows.shuffle(seed=seed, buffer_size=buffer_size)
+        self.batch_size, self.drop_last = batch_size, drop_last
 
     def set_epoch(self, epoch: int) -> None:
         self.rows.set_epoch(epoch)

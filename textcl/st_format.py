@@ -239,7 +239,9 @@ def save_encoder(encoder: Encoder, path: str | Path) -> None:
             "activation_function": activation,
         }
         write_json(dense_dir / "config.json", dense_config)
-        state = {f"linear.{key}": value.detach().cpu().contiguous() for key, value in encoder.dense.state_dict().items()}
+        state = {
+            f"linear.{key}": value.detach().cpu().contiguous() for key, value in encoder.dense.state_dict().items()
+        }
         save_file(state, dense_dir / "model.safetensors")
         modules.append(("2_Dense", "sentence_transformers.models.Dense"))
     if encoder.normalize:

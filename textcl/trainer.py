@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -183,7 +182,8 @@ class Trainer:
                     record = {"step": position.step, "epoch": position.epoch, "loss": loss.item(),
                               "learning_rate": self.scheduler.get_last_lr()[0], "samples_per_second": rate}
                     record |= self.steps.statistics()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", sps=f"{rate:.1f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                    sps=f"{rate:.1f}")
                     self.log(record)
                 if args.eval_steps and position.step % args.eval_steps == 0:
                     metrics = self.evaluate()

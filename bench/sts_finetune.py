@@ -1,0 +1,110 @@
+"""Supervised STS fine-tuning, textcl vs sentence-transformers: same model, data, seeds, batch, lr, epochs.
+
+    python bench/sts_finetune.py --seeds 42 43 44
+    python bench/sts_finetune.py --sides textcl textcl-fp32 --seeds 42     # bf16 quality check
+
+Data: ../shared/data/pairs/positive_pairs.tsv (5,602 paraphrase / entailment pairs, in-batch negatives) and
+pairs/nli_triplets_sick.tsv (328 SICK triplets whose contradiction is a hard negative), one epoch, batch 32,
+lr 2e-5, warmup 10%, max length 64, bf16 autocast. Evaluation: STS-B test and SICK-R test Spearman (cosine)
+of the reloaded fp32 model.
+Sides:
+  peer         SentenceTransformerTrainer + MultipleNegativesRankingLoss on both datasets (its multi-dataset
+               training: each batch from one dataset, proportional sampling), no-duplicates sampler.
+  textcl       textcl's trainer on both sources in one shuffled pool (rows without a negative are masked),
+               symmetric InfoNCE at temperature 0.05 (the quickstart recipe's loss).
+  textcl-fp32  the same in fp32: bf16 must not cost quality before it is recommended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import SHARED, minilm_path
+
+PAIRS = SHARED / "pairs" / "positive_pairs.tsv"
+TRIPLETS = SHARED / "pairs" / "nli_triplets_sick.tsv"
+SETTINGS = {"per_device_train_batch_size": 32, "learning_rate": 2e-5, "num_train_epochs": 1, "warmup_ratio": 0.1,
+            "max_seq_length": 64}
+TESTS = {"stsb": SHARED / "stsb" / "test.tsv", "sickr": SHARED / "sick-r" / "test.tsv"}
+
+
+def peer(seed: int, folder: Path) -> float:
+    from datasets import DatasetDict, load_dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatchSamplers
+
+    def table(path: Path):
+        return load_dataset("csv", data_files=str(path), delimiter="\t", split="train").remove_columns("source")
+
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    model.max_seq_length = SETTINGS["max_seq_length"]
+    args = Arguments(
+        output_dir=str(folder / "peer-run"), per_device_train_batch_size=32, learning_rate=2e-5, num_train_epochs=1,
+        warmup_ratio=0.1, bf16=True, use_cpu=True, seed=seed, save_strategy="no", report_to="none",
+        logging_steps=50, batch_sampler=BatchSamplers.NO_DUPLICATES,
+        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
+    )
+    start = time.perf_counter()
+    data = DatasetDict({"pairs": table(PAIRS), "triplets": table(TRIPLETS)})
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                         loss=losses.MultipleNegativesRankingLoss(model))
+    trainer.train()
+    elapsed = time.perf_counter() - start
+    model.save(str(folder / "model"))
+    return elapsed
+
+
+def textcl(seed: int, folder: Path, bf16: bool) -> float:
+    from textcl.config import load_config
+    from textcl.trainer import train
+
+    settings = {"model_name_or_path": minilm_path(), "temperature": 0.05, "symmetric": True, "bf16": bf16,
+                "seed": seed, "output_dir": folder / "model", "logging_steps": 50, **SETTINGS}
+    overrides = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    start = time.perf_counter()
+    train(load_config(None, overrides + ["--train_data", str(PAIRS), str(TRIPLETS)]))
+    return time.perf_counter() - start
+
+
+def evaluate(model: Path | str) -> dict[str, float]:
+    from textcl import Encoder
+    from textcl.evaluation import evaluate_sts
+
+    encoder = Encoder.load(model)
+    return {name: evaluate_sts(encoder, path)["spearman"] for name, path in TESTS.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sides", nargs="+", default=["peer", "textcl"], choices=["peer", "textcl", "textcl-fp32"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    args = parser.parse_args()
+    print("BASE", json.dumps(evaluate(minilm_path())), flush=True)
+    results: dict[str, list[dict]] = {side: [] for side in args.sides}
+    for seed in args.seeds:
+        for side in args.sides:
+            with tempfile.TemporaryDirectory() as scratch:
+                folder = Path(scratch)
+                seconds = peer(seed, folder) if side == "peer" else textcl(seed, folder, side == "textcl")
+                row = {"seed": seed, "seconds": seconds, **evaluate(folder / "model")}
+            results[side].append(row)
+            print(f"RUN {side} {json.dumps(row)}", flush=True)
+    print("\nside          seeds  STS-B test (mean ± sd)  SICK-R test (mean ± sd)  wall s (mean)")
+    for side, rows in results.items():
+        cells = []
+        for name in TESTS:
+            values = [r[name] for r in rows]
+            cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}")
+        seconds = statistics.mean(r["seconds"] for r in rows)
+        print(f"{side:12s} {len(rows):5d}  {cells[0]:22s}  {cells[1]:23s}  {seconds:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
