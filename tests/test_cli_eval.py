@@ -165,3 +165,17 @@ def test_the_process_exits_2_without_a_traceback(tiny_model_dir: Path, tmp_path:
     result = textcl("eval", str(tiny_model_dir), "--beir", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("textcl: error: BEIR folder")
+
+
+def test_bf16_flag_encodes_in_bf16_and_caches_apart_from_fp32(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`--bf16` really changes the arithmetic (embeddings close to fp32, not equal) and gets its own cache entry."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n")
+    cache = tmp_path / "cache"
+    for flag in ([], ["--bf16"]):
+        out = tmp_path / f"index{len(flag)}"
+        assert main(["index", str(tiny_model_dir), "--corpus", str(corpus), "--out", str(out),
+                     "--cache_dir", str(cache), *flag]) == 0
+    fp32, bf16 = (np.load(path) for path in sorted(cache.glob("*.npy"), key=lambda p: p.stat().st_mtime))
+    assert fp32.shape == bf16.shape == (len(SENTENCES), Encoder.load(tiny_model_dir).dim)
+    assert not np.array_equal(fp32, bf16) and np.allclose(fp32, bf16, atol=0.05)

@@ -7,6 +7,7 @@ A `TextclError` becomes one line on stderr and exit code 2; argparse mistakes al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -112,6 +113,8 @@ def add_encoding_options(parser: argparse.ArgumentParser, cache_by_default: bool
     parser.add_argument("--query_prompt_name", default=None, help="default: the model's 'query' prompt, if any")
     parser.add_argument("--doc_prompt_name", default=None, help="default: the model's 'document' prompt, if any")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--bf16", action="store_true",
+                        help="encode under bf16 autocast: about 2x faster on AMX CPUs, scores move slightly")
     if cache_by_default:
         parser.add_argument("--cache_dir", default=None, help="embedding cache (default: ~/.cache/textcl/embeddings)")
         parser.add_argument("--no_cache", action="store_true", help="encode without reading or writing the cache")
@@ -343,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def mixed_precision(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """bf16 autocast around a command given `--bf16` (eval, mine, index; they encode on the CPU), else nothing."""
+    if not getattr(args, "bf16", False):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `textcl` console script; returns the process exit code."""
     parser = build_parser()
@@ -351,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     args.overrides = overrides
     try:
-        return args.run(args) or 0
+        with mixed_precision(args):
+            return args.run(args) or 0
     except TextclError as error:
         print(f"textcl: error: {error}", file=sys.stderr)
         return 2

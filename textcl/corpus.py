@@ -59,9 +59,11 @@ def model_fingerprint(encoder: Encoder) -> str:
 
 
 def cache_key(encoder: Encoder, texts: Sequence[str], prefix: str, max_length: int, normalize: bool) -> str:
-    """Names the cached embeddings of `texts` under this model, prompt prefix, max length and normalization."""
+    """Names the cached embeddings of `texts` under this model, prompt prefix, max length, normalization and
+    precision (bf16 autocast, as under `textcl mine --bf16`, gives other embeddings)."""
     digest = hashlib.sha256()
-    header = [CACHE_FORMAT, model_fingerprint(encoder), prefix, max_length, normalize, len(texts)]
+    precision = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else "float32"
+    header = [CACHE_FORMAT, model_fingerprint(encoder), prefix, max_length, normalize, len(texts), precision]
     digest.update(json.dumps(header).encode())
     for text in texts:
         data = text.encode("utf-8")
