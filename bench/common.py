@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,3 +46,12 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 def peak_rss_gib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_fresh(script: str, side: str, seed: int, *extra: str) -> dict:
+    """Run one (side, seed) of a bench script in a fresh interpreter and return its `RUN` row: a long
+    process that trained several models ran later runs up to 2x slower (allocator state), which would
+    skew the wall-time comparison against whichever side runs last."""
+    command = [sys.executable, script, "--sides", side, "--seeds", str(seed), "--in_process", *extra]
+    output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(output.split(f"RUN {side} ", 1)[1].splitlines()[0])

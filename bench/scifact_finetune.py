@@ -14,6 +14,7 @@ Sides:
 Every model is evaluated on SciFact test with textcl's evaluator (trec_eval conventions) after reloading
 the saved folder in fp32, and on STS-B test (the cost of retrieval tuning to similarity). Wall time covers
 mining + training, not evaluation.
+Each (side, seed) runs in a fresh Python process (see `common.run_fresh`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, minilm_path
+from common import SHARED, minilm_path, run_fresh
 
 SCIFACT = SHARED / "scifact"
 PEER_SETTINGS = {"per_device_train_batch_size": 32, "learning_rate": 5e-5, "num_train_epochs": 3,
@@ -96,24 +97,31 @@ def evaluate(folder: Path) -> dict[str, float]:
     return {**metrics, "stsb": evaluate_sts(encoder, SHARED / "stsb" / "test.tsv")["spearman"]}
 
 
+def run_here(side: str, seed: int, recipe: str) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        if side == "peer":
+            seconds = peer(seed, folder)
+        else:
+            seconds = textcl(seed, folder, recipe if side == "textcl" else None)
+        metrics = evaluate(folder)
+    return {"seed": seed, "seconds": seconds, **{k: metrics[k] for k in ("ndcg@10", "mrr@10", "recall@100", "stsb")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sides", nargs="+", default=["peer", "textcl"], choices=["peer", "textcl", "textcl-same"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--recipe", default="recipes/retrieval-hardneg.yaml")
+    parser.add_argument("--in_process", action="store_true", help="run here instead of one fresh process per run")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {side: [] for side in args.sides}
     for seed in args.seeds:
         for side in args.sides:
-            with tempfile.TemporaryDirectory() as scratch:
-                folder = Path(scratch)
-                if side == "peer":
-                    seconds = peer(seed, folder)
-                else:
-                    seconds = textcl(seed, folder, args.recipe if side == "textcl" else None)
-                metrics = evaluate(folder)
-            row = {"seed": seed, "seconds": seconds, **{k: metrics[k] for k in ("ndcg@10", "mrr@10", "recall@100")},
-                   "stsb": metrics["stsb"]}
+            if args.in_process:
+                row = run_here(side, seed, args.recipe)
+            else:
+                row = run_fresh(__file__, side, seed, "--recipe", args.recipe)
             results[side].append(row)
             print(f"RUN {side} {json.dumps(row)}", flush=True)
     print("\nside          seeds  nDCG@10 (mean ± sd)   MRR@10  R@100   STS-B  wall s (mean)")

@@ -13,6 +13,7 @@ Sides:
   textcl       textcl's trainer on both sources in one shuffled pool (rows without a negative are masked),
                symmetric InfoNCE at temperature 0.05 (the quickstart recipe's loss).
   textcl-fp32  the same in fp32: bf16 must not cost quality before it is recommended.
+Each (side, seed) runs in a fresh Python process (see `common.run_fresh`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, minilm_path
+from common import SHARED, minilm_path, run_fresh
 
 PAIRS = SHARED / "pairs" / "positive_pairs.tsv"
 TRIPLETS = SHARED / "pairs" / "nli_triplets_sick.tsv"
@@ -81,19 +82,25 @@ def evaluate(model: Path | str) -> dict[str, float]:
     return {name: evaluate_sts(encoder, path)["spearman"] for name, path in TESTS.items()}
 
 
+def run_here(side: str, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        seconds = peer(seed, folder) if side == "peer" else textcl(seed, folder, side == "textcl")
+        return {"seed": seed, "seconds": seconds, **evaluate(folder / "model")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sides", nargs="+", default=["peer", "textcl"], choices=["peer", "textcl", "textcl-fp32"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--in_process", action="store_true", help="run here instead of one fresh process per run")
     args = parser.parse_args()
-    print("BASE", json.dumps(evaluate(minilm_path())), flush=True)
+    if not args.in_process:
+        print("BASE", json.dumps(evaluate(minilm_path())), flush=True)
     results: dict[str, list[dict]] = {side: [] for side in args.sides}
     for seed in args.seeds:
         for side in args.sides:
-            with tempfile.TemporaryDirectory() as scratch:
-                folder = Path(scratch)
-                seconds = peer(seed, folder) if side == "peer" else textcl(seed, folder, side == "textcl")
-                row = {"seed": seed, "seconds": seconds, **evaluate(folder / "model")}
+            row = run_here(side, seed) if args.in_process else run_fresh(__file__, side, seed)
             results[side].append(row)
             print(f"RUN {side} {json.dumps(row)}", flush=True)
     print("\nside          seeds  STS-B test (mean ± sd)  SICK-R test (mean ± sd)  wall s (mean)")
