@@ -55,3 +55,27 @@ def run_fresh(script: str, side: str, seed: int, *extra: str) -> dict:
     command = [sys.executable, script, "--sides", side, "--seeds", str(seed), "--in_process", *extra]
     output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
     return json.loads(output.split(f"RUN {side} ", 1)[1].splitlines()[0])
+
+
+def train_peer(data, settings: dict, seed: int, folder: Path, **arguments) -> float:
+    """Train the peer (SentenceTransformerTrainer + MultipleNegativesRankingLoss, no-duplicates batches) from
+    all-MiniLM-L6-v2 on `data` with textcl-named `settings`, save it to `folder / "model"`; returns the seconds
+    of trainer setup and training."""
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.training_args import BatchSamplers
+
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    model.max_seq_length = settings["max_seq_length"]
+    keys = ("per_device_train_batch_size", "learning_rate", "num_train_epochs", "warmup_ratio", "bf16")
+    args = Arguments(output_dir=str(folder / "peer-run"), use_cpu=True, seed=seed, save_strategy="no",
+                     report_to="none", batch_sampler=BatchSamplers.NO_DUPLICATES,
+                     **{key: settings[key] for key in keys}, **arguments)
+    start = time.perf_counter()
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                         loss=losses.MultipleNegativesRankingLoss(model))
+    trainer.train()
+    elapsed = time.perf_counter() - start
+    model.save(str(folder / "model"))
+    return elapsed

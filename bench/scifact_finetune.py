@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, minilm_path, run_fresh
+from common import SHARED, minilm_path, run_fresh, train_peer
 
 SCIFACT = SHARED / "scifact"
 PEER_SETTINGS = {"per_device_train_batch_size": 32, "learning_rate": 5e-5, "num_train_epochs": 3,
@@ -34,28 +34,9 @@ PEER_SETTINGS = {"per_device_train_batch_size": 32, "learning_rate": 5e-5, "num_
 
 
 def peer(seed: int, folder: Path) -> float:
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
-    from sentence_transformers.sentence_transformer import losses
-    from sentence_transformers.training_args import BatchSamplers
-
     from textcl.data import beir_pairs
 
-    pairs = beir_pairs(SCIFACT, "train")
-    model = SentenceTransformer(minilm_path(), device="cpu")
-    model.max_seq_length = PEER_SETTINGS["max_seq_length"]
-    args = Arguments(
-        output_dir=str(folder / "peer-run"), per_device_train_batch_size=32, learning_rate=5e-5, num_train_epochs=3,
-        warmup_ratio=0.1, bf16=True, use_cpu=True, seed=seed, save_strategy="no", report_to="none",
-        logging_steps=10, batch_sampler=BatchSamplers.NO_DUPLICATES,
-    )
-    start = time.perf_counter()
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=pairs,
-                                         loss=losses.MultipleNegativesRankingLoss(model))
-    trainer.train()
-    elapsed = time.perf_counter() - start
-    model.save(str(folder / "model"))
-    return elapsed
+    return train_peer(beir_pairs(SCIFACT, "train"), PEER_SETTINGS, seed, folder, logging_steps=10)
 
 
 def textcl(seed: int, folder: Path, recipe: str | None) -> float:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, minilm_path, run_fresh
+from common import SHARED, minilm_path, run_fresh, train_peer
 
 PAIRS = SHARED / "pairs" / "positive_pairs.tsv"
 TRIPLETS = SHARED / "pairs" / "nli_triplets_sick.tsv"
@@ -36,30 +36,14 @@ TESTS = {"stsb": SHARED / "stsb" / "test.tsv", "sickr": SHARED / "sick-r" / "tes
 
 def peer(seed: int, folder: Path) -> float:
     from datasets import DatasetDict, load_dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
-    from sentence_transformers.sentence_transformer import losses
-    from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatchSamplers
+    from sentence_transformers.training_args import MultiDatasetBatchSamplers
 
     def table(path: Path):
         return load_dataset("csv", data_files=str(path), delimiter="\t", split="train").remove_columns("source")
 
-    model = SentenceTransformer(minilm_path(), device="cpu")
-    model.max_seq_length = SETTINGS["max_seq_length"]
-    args = Arguments(
-        output_dir=str(folder / "peer-run"), per_device_train_batch_size=32, learning_rate=2e-5, num_train_epochs=1,
-        warmup_ratio=0.1, bf16=True, use_cpu=True, seed=seed, save_strategy="no", report_to="none",
-        logging_steps=50, batch_sampler=BatchSamplers.NO_DUPLICATES,
-        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
-    )
-    start = time.perf_counter()
     data = DatasetDict({"pairs": table(PAIRS), "triplets": table(TRIPLETS)})
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                         loss=losses.MultipleNegativesRankingLoss(model))
-    trainer.train()
-    elapsed = time.perf_counter() - start
-    model.save(str(folder / "model"))
-    return elapsed
+    return train_peer(data, {**SETTINGS, "bf16": True}, seed, folder, logging_steps=50,
+                      multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL)
 
 
 def textcl(seed: int, folder: Path, bf16: bool) -> float:
