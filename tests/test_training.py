@@ -68,7 +68,8 @@ def test_thirty_steps_reduce_the_loss_and_save_a_sentence_transformers_folder(
     assert main(["train", str(recipe)]) == 0
     out = tmp_path / "out"
     curve = losses(out)
-    assert len(curve) == 30 and np.mean(curve[-5:]) < 0.5 * np.mean(curve[:5])
+    # Medians: with 8 rows a batch, one unlucky step can reach the first steps' loss (seen on CI's CPU).
+    assert len(curve) == 30 and np.median(curve[-10:]) < 0.5 * np.median(curve[:5])
     st = pytest.importorskip("sentence_transformers")
     ours = Encoder.load(out)
     assert ours.dim == 16 and ours.normalize
