@@ -3,12 +3,14 @@
     python bench/scifact_finetune.py --seeds 42 43 44                       # peer MNRL vs textcl recipe
     python bench/scifact_finetune.py --sides textcl --recipe recipes/retrieval-hardneg.yaml --seeds 42
     python bench/scifact_finetune.py --sides peer textcl-same --seeds 42   # textcl at the peer's settings
+    python bench/scifact_finetune.py --sides textcl-same textcl-same-fp32 --seeds 42   # bf16 quality check
 
 Sides:
   peer         SentenceTransformerTrainer + MultipleNegativesRankingLoss on the 919 SciFact train pairs,
                batch 32, lr 5e-5, 3 epochs, warmup 10%, bf16 autocast, no-duplicates sampler, max length 256
                (the peer's best settings in shared/PEER.md).
   textcl-same  textcl with exactly those settings (in-batch InfoNCE at temperature 0.05 = MNRL's scale 20).
+  textcl-same-fp32  the same in fp32: bf16 must not cost retrieval quality before it is recommended.
   textcl       textcl's retrieval-hardneg recipe (`--recipe`), including its hard-negative mining, whose time
                counts towards the wall time (mining runs uncached for every seed).
 Every model is evaluated on SciFact test with textcl's evaluator (trec_eval conventions) after reloading
@@ -39,14 +41,14 @@ def peer(seed: int, folder: Path) -> float:
     return train_peer(beir_pairs(SCIFACT, "train"), PEER_SETTINGS, seed, folder, logging_steps=10)
 
 
-def textcl(seed: int, folder: Path, recipe: str | None) -> float:
+def textcl(seed: int, folder: Path, recipe: str | None, bf16: bool = True) -> float:
     from textcl.config import load_config
     from textcl.trainer import train
 
     overrides = ["--seed", str(seed), "--output_dir", str(folder / "model"), "--overwrite_output_dir", "true"]
     if recipe is None:
         settings = {"model_name_or_path": minilm_path(), "train_data": str(SCIFACT), "temperature": 0.05,
-                    **PEER_SETTINGS}
+                    **PEER_SETTINGS, "bf16": bf16}
         overrides += [item for key, value in settings.items() for item in (f"--{key}", str(value))]
         start = time.perf_counter()
         train(load_config(None, overrides))
@@ -84,14 +86,15 @@ def run_here(side: str, seed: int, recipe: str) -> dict:
         if side == "peer":
             seconds = peer(seed, folder)
         else:
-            seconds = textcl(seed, folder, recipe if side == "textcl" else None)
+            seconds = textcl(seed, folder, recipe if side == "textcl" else None, bf16=side != "textcl-same-fp32")
         metrics = evaluate(folder)
     return {"seed": seed, "seconds": seconds, **{k: metrics[k] for k in ("ndcg@10", "mrr@10", "recall@100", "stsb")}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sides", nargs="+", default=["peer", "textcl"], choices=["peer", "textcl", "textcl-same"])
+    parser.add_argument("--sides", nargs="+", default=["peer", "textcl"],
+                        choices=["peer", "textcl", "textcl-same", "textcl-same-fp32"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--recipe", default="recipes/retrieval-hardneg.yaml")
     parser.add_argument("--in_process", action="store_true", help="run here instead of one fresh process per run")

@@ -1,7 +1,7 @@
 """Unsupervised SimCSE on ../shared/data/unlabeled-sentences: what can be shown without an MLM checkpoint.
 
-    python bench/simcse_unsup.py scratch --steps 400     # (a) random-init MiniLM shape: dropout ablation
-    python bench/simcse_unsup.py minilm --steps 200      # (b) a short run from all-MiniLM-L6-v2
+    python bench/simcse_unsup.py scratch --steps 100     # (a) random-init MiniLM shape: dropout ablation
+    python bench/simcse_unsup.py minilm --steps 100      # (b) a short run from all-MiniLM-L6-v2
 
 (a) A BERT with all-MiniLM-L6-v2's shape and tokenizer, randomly initialised (seed 0), trained for the same
     number of steps (the fixed CPU budget) in three ways that differ only in the dropout masks of the
@@ -119,7 +119,7 @@ def minilm(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("start", choices=["scratch", "minilm"])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--learning_rate", type=float, default=None, help="default: 1e-4 scratch, 3e-5 minilm")
     args = parser.parse_args()
     args.learning_rate = args.learning_rate or (1e-4 if args.start == "scratch" else 3e-5)

@@ -10,8 +10,8 @@ of the reloaded fp32 model.
 Sides:
   peer         SentenceTransformerTrainer + MultipleNegativesRankingLoss on both datasets (its multi-dataset
                training: each batch from one dataset, proportional sampling), no-duplicates sampler.
-  textcl       textcl's trainer on both sources in one shuffled pool (rows without a negative are masked),
-               symmetric InfoNCE at temperature 0.05 (the quickstart recipe's loss).
+  textcl       textcl's trainer with `batch_per_source` (each batch from one file, like the peer's
+               multi-dataset batches), symmetric InfoNCE at temperature 0.05 (the quickstart recipe's loss).
   textcl-fp32  the same in fp32: bf16 must not cost quality before it is recommended.
 Each (side, seed) runs in a fresh Python process (see `common.run_fresh`).
 """
@@ -51,6 +51,7 @@ def textcl(seed: int, folder: Path, bf16: bool) -> float:
     from textcl.trainer import train
 
     settings = {"model_name_or_path": minilm_path(), "temperature": 0.05, "symmetric": True, "bf16": bf16,
+                "batch_per_source": True,
                 "seed": seed, "output_dir": folder / "model", "logging_steps": 50, **SETTINGS}
     overrides = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
     start = time.perf_counter()

@@ -12,10 +12,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from textcl.collator import ContrastiveCollator, augment, text_id
-from textcl.config import DataArguments
+from textcl.config import DataArguments, TrainConfig
 from textcl.data import load_rows, max_negatives
 from textcl.errors import TextclError
 from textcl.sampler import NoDuplicatesBatchSampler, greedy_batches, row_ids
+from textcl.training_setup import build_loader, row_index
 
 
 def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> str:
@@ -200,3 +201,24 @@ def test_greedy_batches_defers_clashes_and_keeps_order() -> None:
     ids = {"a": {1}, "b": {2}, "a2": {1}, "c": {3}, "d": {4}}
     assert list(greedy_batches(items, ids.__getitem__, 2, False)) == [["a", "b"], ["a2", "c"], ["d"]]
     assert row_ids({"anchor": "x", "positive": None, "negatives": ["y"]}) == {text_id("x"), text_id("y")}
+
+
+def test_batch_per_source_keeps_each_batch_to_one_source_and_mixes_their_order(tmp_path: Path) -> None:
+    pairs, triplets = tmp_path / "pairs.tsv", tmp_path / "triplets.tsv"
+    pairs.write_text("anchor\tpositive\n" + "".join(f"p{i}\tq{i}\n" for i in range(200)))
+    triplets.write_text("anchor\tpositive\tnegative\n" + "".join(f"a{i}\tb{i}\tc{i}\n" for i in range(100)))
+    rows = load_rows(DataArguments(train_data=[str(pairs), str(triplets)], batch_per_source=True))
+    ids, _, sources = row_index(rows, with_lengths=False)
+    assert sources.tolist() == [0] * 200 + [1] * 100
+    sampler = NoDuplicatesBatchSampler(ids, 16, seed=3, sources=sources)
+    batches = list(sampler)
+    assert all(len(set(sources[batch])) == 1 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(300))
+    kinds = [int(sources[batch[0]]) for batch in batches]
+    assert kinds != sorted(kinds) and kinds != sorted(kinds, reverse=True)
+    mixed = NoDuplicatesBatchSampler(ids, 16, seed=3)
+    assert any(len(set(sources[batch])) == 2 for batch in mixed)
+    with pytest.raises(TextclError, match="streaming: false"):
+        build_loader(TrainConfig.from_dict({"train_data": [str(pairs)], "batch_per_source": True, "streaming": True,
+                                            "model_name_or_path": "unused",
+                                            "max_steps": 1, "output_dir": str(tmp_path / "o")}), None, None)

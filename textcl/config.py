@@ -73,6 +73,10 @@ class DataArguments:
     max_train_samples: int | None = None
     streaming: bool = field(default=False, metadata={"help": "Stream the data (needs max_steps)."})
     group_by_length: bool = False
+    batch_per_source: bool = field(
+        default=False, metadata={"help": "Draw every batch from one train_data source (negatives from the same "
+                                 "task), sources in proportion to their size."}
+    )
     eval_sts: list[str] = field(default_factory=list, metadata={"help": "STS files (sentence1, sentence2, score)."})
     eval_beir: str | None = field(default=None, metadata={"help": "A BEIR folder to evaluate retrieval on."})
     eval_beir_split: str = "test"

@@ -121,9 +121,15 @@ def complete(batch: dict[str, list]) -> list[bool]:
     return [present(a) and (p is None or present(p)) for a, p in zip(batch["anchor"], batch["positive"])]
 
 
+def tag_source(batch: dict[str, list], index: int) -> dict[str, list]:
+    """The `source` column: which `train_data` source (its position in the list) the rows came from."""
+    return {"source": [index] * len(batch["anchor"])}
+
+
 def load_rows(args: DataArguments) -> Any:
-    """Rows of every source in `args.train_data`, concatenated (see module docstring); errors name the
-    fix before any training starts."""
+    """Rows of every source in `args.train_data`, concatenated (see module docstring), with a `source`
+    column (the source's index) when `batch_per_source` needs it; errors name the fix before any training
+    starts."""
     parts = []
     for source in args.train_data:
         table = load_source(source, args)
@@ -132,6 +138,8 @@ def load_rows(args: DataArguments) -> Any:
         rows = to_rows(table, args, source)
         if not args.streaming and len(rows) == 0:
             raise TextclError(f"all {len(table)} rows of {source!r} were filtered out (empty anchor or positive)")
+        if args.batch_per_source:
+            rows = rows.map(tag_source, fn_kwargs={"index": len(parts)}, batched=True)
         parts.append(rows)
     rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if args.max_train_samples is not None:

@@ -69,6 +69,10 @@ class NoDuplicatesBatchSampler:
         seed: the epoch's order is `default_rng([seed, epoch]).permutation`, so it is reproducible.
         lengths: optional `[rows]` text lengths; when given, rows are sorted by length inside windows
             of 50 batches (less padding), and the batch order is shuffled.
+        sources: optional `[rows]` source index (which `train_data` a row came from); when given, every
+            batch holds rows of one source (its in-batch negatives come from the same task and domain,
+            sentence-transformers' multi-dataset batches) and the batches of all sources are shuffled
+            together, so each source is drawn in proportion to its size.
     """
 
     def __init__(
@@ -78,12 +82,14 @@ class NoDuplicatesBatchSampler:
         drop_last: bool = False,
         seed: int = 0,
         lengths: np.ndarray | None = None,
+        sources: np.ndarray | None = None,
     ) -> None:
         self.row_ids = [set(ids) for ids in text_ids]
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.seed = seed
         self.lengths = lengths
+        self.sources = np.zeros(len(text_ids), dtype=np.int64) if sources is None else np.asarray(sources)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -95,9 +101,11 @@ class NoDuplicatesBatchSampler:
             window = self.batch_size * 50
             chunks = np.split(order, range(window, len(order), window))
             order = np.concatenate([chunk[np.argsort(-self.lengths[chunk], kind="stable")] for chunk in chunks])
-        batches = greedy_batches(order.tolist(), self.row_ids.__getitem__, self.batch_size, self.drop_last)
-        self.batches = list(batches)
-        if self.lengths is not None:
+        self.batches = []
+        for source in np.unique(self.sources):
+            rows = order[self.sources[order] == source].tolist()
+            self.batches += greedy_batches(rows, self.row_ids.__getitem__, self.batch_size, self.drop_last)
+        if self.lengths is not None or len(np.unique(self.sources)) > 1:
             self.batches = [self.batches[i] for i in rng.permutation(len(self.batches))]
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -59,15 +59,17 @@ def set_dropout(model: nn.Module, p: float) -> None:
             setattr(model.config, key, p)
 
 
-def row_index(rows: Any, with_lengths: bool) -> tuple[list[list[int]], np.ndarray | None]:
-    """Per row, the ids of its texts (for the no-duplicates sampler) and optionally the anchor length."""
+def row_index(rows: Any, with_lengths: bool) -> tuple[list[list[int]], np.ndarray | None, np.ndarray | None]:
+    """Per row, the ids of its texts (for the no-duplicates sampler), optionally the anchor length, and
+    the source index when the rows carry one."""
 
     def index(batch: dict[str, list]) -> dict[str, list]:
         rows_of_batch = [dict(zip(batch, values)) for values in zip(*batch.values())]
         return {"ids": [sorted(row_ids(row)) for row in rows_of_batch], "length": [len(a) for a in batch["anchor"]]}
 
-    table = rows.map(index, batched=True, remove_columns=rows.column_names)
-    return table["ids"], np.asarray(table["length"]) if with_lengths else None
+    table = rows.map(index, batched=True, remove_columns=[c for c in rows.column_names if c != "source"])
+    lengths = np.asarray(table["length"]) if with_lengths else None
+    return table["ids"], lengths, np.asarray(table["source"]) if "source" in table.column_names else None
 
 
 def build_loader(config: TrainConfig, encoder: Encoder, accelerator: Accelerator) -> tuple[DataLoader, Any, Any]:
@@ -76,6 +78,8 @@ def build_loader(config: TrainConfig, encoder: Encoder, accelerator: Accelerator
     unknown = set(data.augment) - set(AUGMENTATIONS)
     if unknown:
         raise TextclError(f"unknown augmentation {sorted(unknown)[0]!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if data.batch_per_source and data.streaming:
+        raise TextclError("batch_per_source needs map-style data: set streaming: false")
     rows = load_rows(data)
     collator = ContrastiveCollator(
         tokenizer=encoder.tokenizer,
@@ -101,8 +105,8 @@ def build_loader(config: TrainConfig, encoder: Encoder, accelerator: Accelerator
             f"batch of {global_batch} rows ({batch_size} per device x {accelerator.num_processes}) is larger than "
             f"the {len(rows)} training rows with dataloader_drop_last: lower per_device_train_batch_size"
         )
-    ids, lengths = row_index(rows, data.group_by_length)
-    sampler = NoDuplicatesBatchSampler(ids, batch_size, args.dataloader_drop_last, args.seed, lengths)
+    ids, lengths, sources = row_index(rows, data.group_by_length)
+    sampler = NoDuplicatesBatchSampler(ids, batch_size, args.dataloader_drop_last, args.seed, lengths, sources)
     loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collator, generator=generator)
     return loader, sampler, collator
 
