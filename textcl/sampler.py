@@ -102,10 +102,11 @@ class NoDuplicatesBatchSampler:
             chunks = np.split(order, range(window, len(order), window))
             order = np.concatenate([chunk[np.argsort(-self.lengths[chunk], kind="stable")] for chunk in chunks])
         self.batches = []
-        for source in np.unique(self.sources):
+        kinds = np.unique(self.sources)
+        for source in kinds:
             rows = order[self.sources[order] == source].tolist()
             self.batches += greedy_batches(rows, self.row_ids.__getitem__, self.batch_size, self.drop_last)
-        if self.lengths is not None or len(np.unique(self.sources)) > 1:
+        if self.lengths is not None or len(kinds) > 1:
             self.batches = [self.batches[i] for i in rng.permutation(len(self.batches))]
 
     def __iter__(self) -> Iterator[list[int]]:
