@@ -57,10 +57,10 @@ def run_fresh(script: str, side: str, seed: int, *extra: str) -> dict:
     return json.loads(output.split(f"RUN {side} ", 1)[1].splitlines()[0])
 
 
-def train_peer(data, settings: dict, seed: int, folder: Path, **arguments) -> float:
-    """Train the peer (SentenceTransformerTrainer + MultipleNegativesRankingLoss, no-duplicates batches) from
-    all-MiniLM-L6-v2 on `data` with textcl-named `settings`, save it to `folder / "model"`; returns the seconds
-    of trainer setup and training."""
+def train_peer(data, settings: dict, seed: int, folder: Path, scale: float = 20.0, **arguments) -> float:
+    """Train the peer (SentenceTransformerTrainer + MultipleNegativesRankingLoss at `scale` = 1 / temperature,
+    no-duplicates batches) from all-MiniLM-L6-v2 on `data` with textcl-named `settings`, save it to
+    `folder / "model"`; returns the seconds of trainer setup and training."""
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
     from sentence_transformers.sentence_transformer import losses
@@ -74,7 +74,7 @@ def train_peer(data, settings: dict, seed: int, folder: Path, **arguments) -> fl
                      **{key: settings[key] for key in keys}, **arguments)
     start = time.perf_counter()
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                         loss=losses.MultipleNegativesRankingLoss(model))
+                                         loss=losses.MultipleNegativesRankingLoss(model, scale=scale))
     trainer.train()
     elapsed = time.perf_counter() - start
     model.save(str(folder / "model"))

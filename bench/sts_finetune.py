@@ -8,10 +8,13 @@ pairs/nli_triplets_sick.tsv (328 SICK triplets whose contradiction is a hard neg
 lr 2e-5, warmup 10%, max length 64, bf16 autocast. Evaluation: STS-B test and SICK-R test Spearman (cosine)
 of the reloaded fp32 model.
 Sides:
-  peer         SentenceTransformerTrainer + MultipleNegativesRankingLoss on both datasets (its multi-dataset
-               training: each batch from one dataset, proportional sampling), no-duplicates sampler.
-  textcl       textcl's trainer with `batch_per_source` (each batch from one file, like the peer's
-               multi-dataset batches), symmetric InfoNCE at temperature 0.05 (the quickstart recipe's loss).
+  peer         SentenceTransformerTrainer + MultipleNegativesRankingLoss (scale 20 = temperature 0.05, its
+               default) on both datasets (its multi-dataset training: each batch from one dataset,
+               proportional sampling), no-duplicates sampler.
+  peer-t07     the same at scale 1 / 0.07: does textcl's temperature alone explain the difference?
+  textcl       textcl's trainer with the pairs recipe's loss: symmetric InfoNCE at temperature 0.07, candidates
+               scoring above the positive + 0.1 masked as likely false negatives, and `batch_per_source`
+               (each batch from one file, like the peer's multi-dataset batches).
   textcl-fp32  the same in fp32: bf16 must not cost quality before it is recommended.
 Each (side, seed) runs in a fresh Python process (see `common.run_fresh`).
 """
@@ -34,7 +37,7 @@ SETTINGS = {"per_device_train_batch_size": 32, "learning_rate": 2e-5, "num_train
 TESTS = {"stsb": SHARED / "stsb" / "test.tsv", "sickr": SHARED / "sick-r" / "test.tsv"}
 
 
-def peer(seed: int, folder: Path) -> float:
+def peer(seed: int, folder: Path, temperature: float) -> float:
     from datasets import DatasetDict, load_dataset
     from sentence_transformers.training_args import MultiDatasetBatchSamplers
 
@@ -43,15 +46,15 @@ def peer(seed: int, folder: Path) -> float:
 
     data = DatasetDict({"pairs": table(PAIRS), "triplets": table(TRIPLETS)})
     return train_peer(data, {**SETTINGS, "bf16": True}, seed, folder, logging_steps=50,
-                      multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL)
+                      scale=1 / temperature, multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL)
 
 
 def textcl(seed: int, folder: Path, bf16: bool) -> float:
     from textcl.config import load_config
     from textcl.trainer import train
 
-    settings = {"model_name_or_path": minilm_path(), "temperature": 0.05, "symmetric": True, "bf16": bf16,
-                "batch_per_source": True,
+    settings = {"model_name_or_path": minilm_path(), "temperature": 0.07, "symmetric": True,
+                "false_negative_margin": 0.1, "batch_per_source": True, "bf16": bf16,
                 "seed": seed, "output_dir": folder / "model", "logging_steps": 50, **SETTINGS}
     overrides = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
     start = time.perf_counter()
@@ -70,13 +73,16 @@ def evaluate(model: Path | str) -> dict[str, float]:
 def run_here(side: str, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        seconds = peer(seed, folder) if side == "peer" else textcl(seed, folder, side == "textcl")
+        if side.startswith("peer"):
+            seconds = peer(seed, folder, 0.07 if side == "peer-t07" else 0.05)
+        else:
+            seconds = textcl(seed, folder, side == "textcl")
         return {"seed": seed, "seconds": seconds, **evaluate(folder / "model")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sides", nargs="+", default=["peer", "textcl"], choices=["peer", "textcl", "textcl-fp32"])
+    parser.add_argument("--sides", nargs="+", default=["peer", "textcl"], choices=["peer", "peer-t07", "textcl", "textcl-fp32"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--in_process", action="store_true", help="run here instead of one fresh process per run")
     args = parser.parse_args()

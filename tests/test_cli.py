@@ -1,4 +1,4 @@
-"""The `textcl` command: help, version, encode, and one-line errors with exit code 2."""
+"""The `textcl` command: help, version, encode, `--device`, and one-line errors with exit code 2."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import SENTENCES
 from textcl import Encoder, __version__
@@ -55,4 +56,27 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_model_dir: Path, tmp_path: P
     errors = [line for line in result.stderr.splitlines() if line.startswith("textcl: error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert re.search(message, errors[0]), errors[0]
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_device_cpu_gives_the_default_vectors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`--device cpu` runs and, on a machine without a GPU, matches the default device's output exactly."""
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
+    for name, extra in (("default", []), ("cpu", ["--device", "cpu"])):
+        result = textcl("encode", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"),
+                        "--output", str(tmp_path / f"{name}.npy"), *extra)
+        assert result.returncode == 0, result.stderr
+    if not torch.cuda.is_available():
+        assert np.array_equal(np.load(tmp_path / "default.npy"), np.load(tmp_path / "cpu.npy"))
+
+
+@pytest.mark.parametrize(("device", "message"), [("gpu0", "unknown --device 'gpu0'"),
+                                                  ("cuda:7", "cuda:7: (this torch .* sees no such|only .* visible)")])
+def test_unusable_device_is_one_line(tiny_model_dir: Path, tmp_path: Path, device: str, message: str) -> None:
+    (tmp_path / "in.txt").write_text("hello\n")
+    for command in (["encode", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--output",
+                     str(tmp_path / "out.npy")], ["eval", str(tiny_model_dir), "--sts", str(tmp_path / "in.txt")]):
+        result = textcl(*command, "--device", device)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr
     assert not (tmp_path / "out.npy").exists()

@@ -11,9 +11,13 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from textcl import __version__
 from textcl.errors import TextclError
+
+if TYPE_CHECKING:
+    import torch
 
 Command = Callable[[argparse.Namespace], int | None]
 
@@ -30,6 +34,7 @@ def add_encode_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--truncate_dim", type=int, default=None, help="keep the first N dimensions")
     parser.add_argument("--max_seq_length", type=int, default=None)
     parser.add_argument("--pooling", default=None, help="override the model's pooling mode")
+    add_device_option(parser)
     parser.set_defaults(run=run_encode)
 
 
@@ -40,7 +45,7 @@ def run_encode(args: argparse.Namespace) -> None:
     from textcl.textfiles import read_lines
 
     texts = read_lines(args.input)
-    encoder = Encoder.load(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length)
+    encoder = Encoder.load(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length).to(device_of(args))
     embeddings = encoder.encode(
         texts,
         batch_size=args.batch_size,
@@ -106,15 +111,45 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_eval)
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="where the model runs: cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    """The checked `--device`; by default the GPU when torch sees one (as `SentenceTransformer`; under
+    `accelerate launch` each process takes the GPU of its LOCAL_RANK), else the CPU."""
+    import os
+
+    import torch
+
+    if args.device is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise TextclError(f"unknown --device {args.device!r}; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise TextclError(f"--device {args.device}: this torch ({torch.__version__}) sees no such device; "
+                          "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TextclError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
 def add_encoding_options(parser: argparse.ArgumentParser, cache_by_default: bool = False) -> None:
-    """Options shared by eval, mine and index: truncation, prompts, batch size, embedding cache."""
+    """Options shared by eval, mine and index: truncation, prompts, batch size, device, embedding cache."""
     parser.add_argument("--max_seq_length", type=int, default=None, help="truncation length (default: the model's)")
     parser.add_argument("--query_max_length", type=int, default=None, help="truncation length of queries/anchors")
     parser.add_argument("--query_prompt_name", default=None, help="default: the model's 'query' prompt, if any")
     parser.add_argument("--doc_prompt_name", default=None, help="default: the model's 'document' prompt, if any")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--bf16", action="store_true",
-                        help="encode under bf16 autocast: about 2x faster on AMX CPUs, scores move slightly")
+                        help="encode under bf16 autocast: about 2x faster on AMX CPUs and GPUs, scores move slightly")
+    add_device_option(parser)
     if cache_by_default:
         parser.add_argument("--cache_dir", default=None, help="embedding cache (default: ~/.cache/textcl/embeddings)")
         parser.add_argument("--no_cache", action="store_true", help="encode without reading or writing the cache")
@@ -141,7 +176,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if not args.sts and not args.beir:
         raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
-    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length)
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(device_of(args))
     results = evaluate(
         encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
         k_values=args.k_values, query_prompt_name=args.query_prompt_name, doc_prompt_name=args.doc_prompt_name,
@@ -201,7 +236,7 @@ def run_mine(args: argparse.Namespace) -> None:
     )
     if args.corpus:
         corpus = read_corpus(args.corpus)[1]
-    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length)
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(device_of(args))
     mined = mine_hard_negatives(
         encoder, anchors, positives, corpus, num_negatives=args.num_negatives, min_negatives=args.min_negatives,
         range_min=args.range_min,
@@ -236,7 +271,7 @@ def run_index(args: argparse.Namespace) -> None:
 
     ids, texts = read_corpus(args.corpus)
     model = Path(args.model).resolve() if Path(args.model).exists() else args.model
-    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length)
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(device_of(args))
     index = SearchIndex.build(
         encoder, texts, ids, args.factory, model_path=model, query_max_length=args.query_max_length,
         query_prompt_name=args.query_prompt_name, doc_prompt_name=args.doc_prompt_name,
@@ -255,6 +290,7 @@ def add_search_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-k", type=int, default=10, help="results per query")
     parser.add_argument("--search_params", default=None, help="override the saved faiss search parameters")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_device_option(parser)
     parser.set_defaults(run=run_search)
 
 
@@ -265,7 +301,7 @@ def run_search(args: argparse.Namespace) -> None:
     queries = list(args.query) + (read_lines(args.queries, "queries file") if args.queries else [])
     if not queries:
         raise TextclError("no query: pass one as an argument or a file with --queries FILE")
-    index = SearchIndex.load(args.index)
+    index = SearchIndex.load(args.index, device=device_of(args))
     if args.search_params is not None:
         set_search_params(index.index, args.search_params)
     hits = index.search(queries, args.k)
@@ -347,12 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def mixed_precision(args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """bf16 autocast around a command given `--bf16` (eval, mine, index; they encode on the CPU), else nothing."""
+    """bf16 autocast on the command's device when given `--bf16` (eval, mine, index), else nothing."""
     if not getattr(args, "bf16", False):
         return contextlib.nullcontext()
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device_of(args).type, dtype=torch.bfloat16)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

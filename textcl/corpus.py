@@ -62,7 +62,8 @@ def cache_key(encoder: Encoder, texts: Sequence[str], prefix: str, max_length: i
     """Names the cached embeddings of `texts` under this model, prompt prefix, max length, normalization and
     precision (bf16 autocast, as under `textcl mine --bf16`, gives other embeddings)."""
     digest = hashlib.sha256()
-    precision = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else "float32"
+    device = encoder.device.type
+    precision = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else "float32"
     header = [CACHE_FORMAT, model_fingerprint(encoder), prefix, max_length, normalize, len(texts), precision]
     digest.update(json.dumps(header).encode())
     for text in texts:

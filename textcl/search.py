@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
+import torch
 
 from textcl.corpus import default_prompt_name, encode_corpus
 from textcl.errors import TextclError
@@ -205,8 +206,9 @@ class SearchIndex:
         (root / "meta.json").write_text(json.dumps(self.meta | {"count": len(self.ids)}, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path, encoder: Encoder | None = None) -> SearchIndex:
-        """Read a saved index; the encoder defaults to the model named in meta.json and must have its dimension."""
+    def load(cls, path: str | Path, encoder: Encoder | None = None, device: str | torch.device = "cpu") -> SearchIndex:
+        """Read a saved index; the encoder defaults to the model named in meta.json, loaded onto `device`, and
+        must have the index's dimension."""
         root = Path(path)
         missing = [name for name in INDEX_FILES if not (root / name).is_file()]
         if missing:
@@ -218,7 +220,7 @@ class SearchIndex:
             records = [json.loads(line) for line in handle if line.strip()]
         if len(records) != index.ntotal:
             raise TextclError(f"{root}: ids.jsonl has {len(records)} rows but the index holds {index.ntotal} vectors")
-        encoder = encoder or Encoder.load(meta["model"], max_seq_length=meta["max_seq_length"])
+        encoder = encoder or Encoder.load(meta["model"], max_seq_length=meta["max_seq_length"]).to(device)
         if encoder.dim != meta["dim"] or index.d != meta["dim"]:
             raise TextclError(
                 f"the index in {str(root)!r} holds {index.d}-dimensional vectors but the model gives {encoder.dim}; "
