@@ -12,8 +12,9 @@ Sides:
                default) on both datasets (its multi-dataset training: each batch from one dataset,
                proportional sampling), no-duplicates sampler.
   peer-t07     the same at scale 1 / 0.07: does textcl's temperature alone explain the difference?
-  textcl       textcl's trainer with the pairs recipe's loss: symmetric InfoNCE at temperature 0.07, candidates
-               scoring above the positive + 0.1 masked as likely false negatives, and `batch_per_source`
+  textcl       textcl's trainer with the loss settings read from recipes/pairs.yaml (symmetric InfoNCE at
+               temperature 0.07, candidates scoring above the positive + 0.1 masked as likely false
+               negatives), and `batch_per_source`
                (each batch from one file, like the peer's multi-dataset batches).
   textcl-fp32  the same in fp32: bf16 must not cost quality before it is recommended.
 Each (side, seed) runs in a fresh Python process (see `common.run_fresh`).
@@ -28,12 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from common import SHARED, minilm_path, run_fresh, train_peer
 
 PAIRS = SHARED / "pairs" / "positive_pairs.tsv"
 TRIPLETS = SHARED / "pairs" / "nli_triplets_sick.tsv"
 SETTINGS = {"per_device_train_batch_size": 32, "learning_rate": 2e-5, "num_train_epochs": 1, "warmup_ratio": 0.1,
             "max_seq_length": 64}
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pairs.yaml"
+LOSS_KEYS = ("temperature", "symmetric", "false_negative_margin")
 TESTS = {"stsb": SHARED / "stsb" / "test.tsv", "sickr": SHARED / "sick-r" / "test.tsv"}
 
 
@@ -53,8 +58,9 @@ def textcl(seed: int, folder: Path, bf16: bool) -> float:
     from textcl.config import load_config
     from textcl.trainer import train
 
-    settings = {"model_name_or_path": minilm_path(), "temperature": 0.07, "symmetric": True,
-                "false_negative_margin": 0.1, "batch_per_source": True, "bf16": bf16,
+    recipe = yaml.safe_load(RECIPE.read_text())
+    settings = {"model_name_or_path": minilm_path(), **{key: recipe[key] for key in LOSS_KEYS},
+                "batch_per_source": True, "bf16": bf16,
                 "seed": seed, "output_dir": folder / "model", "logging_steps": 50, **SETTINGS}
     overrides = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
     start = time.perf_counter()
@@ -82,7 +88,8 @@ def run_here(side: str, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sides", nargs="+", default=["peer", "textcl"], choices=["peer", "peer-t07", "textcl", "textcl-fp32"])
+    parser.add_argument("--sides", nargs="+", default=["peer", "textcl"],
+                        choices=["peer", "peer-t07", "textcl", "textcl-fp32"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--in_process", action="store_true", help="run here instead of one fresh process per run")
     args = parser.parse_args()

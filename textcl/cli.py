@@ -11,13 +11,10 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 from textcl import __version__
 from textcl.errors import TextclError
-
-if TYPE_CHECKING:
-    import torch
 
 Command = Callable[[argparse.Namespace], int | None]
 
@@ -45,7 +42,7 @@ def run_encode(args: argparse.Namespace) -> None:
     from textcl.textfiles import read_lines
 
     texts = read_lines(args.input)
-    encoder = Encoder.load(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length).to(device_of(args))
+    encoder = Encoder.load(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length).to(args.device)
     embeddings = encoder.encode(
         texts,
         batch_size=args.batch_size,
@@ -116,27 +113,27 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs: cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
 
 
-def device_of(args: argparse.Namespace) -> torch.device:
-    """The checked `--device`; by default the GPU when torch sees one (as `SentenceTransformer`; under
-    `accelerate launch` each process takes the GPU of its LOCAL_RANK), else the CPU."""
+def resolve_device(name: str | None) -> Any:
+    """The checked `--device` as a `torch.device`; by default the GPU when torch sees one (as
+    `SentenceTransformer`; under `accelerate launch` each process takes the GPU of its LOCAL_RANK), else the CPU."""
     import os
 
     import torch
 
-    if args.device is None:
+    if name is None:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError:
-        raise TextclError(f"unknown --device {args.device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise TextclError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
-        raise TextclError(f"--device {args.device}: this torch ({torch.__version__}) sees no such device; "
+        raise TextclError(f"--device {name}: this torch ({torch.__version__}) sees no such device; "
                           "use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise TextclError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        raise TextclError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
@@ -176,7 +173,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if not args.sts and not args.beir:
         raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
-    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(device_of(args))
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(args.device)
     results = evaluate(
         encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
         k_values=args.k_values, query_prompt_name=args.query_prompt_name, doc_prompt_name=args.doc_prompt_name,
@@ -236,7 +233,7 @@ def run_mine(args: argparse.Namespace) -> None:
     )
     if args.corpus:
         corpus = read_corpus(args.corpus)[1]
-    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(device_of(args))
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(args.device)
     mined = mine_hard_negatives(
         encoder, anchors, positives, corpus, num_negatives=args.num_negatives, min_negatives=args.min_negatives,
         range_min=args.range_min,
@@ -271,7 +268,7 @@ def run_index(args: argparse.Namespace) -> None:
 
     ids, texts = read_corpus(args.corpus)
     model = Path(args.model).resolve() if Path(args.model).exists() else args.model
-    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(device_of(args))
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length).to(args.device)
     index = SearchIndex.build(
         encoder, texts, ids, args.factory, model_path=model, query_max_length=args.query_max_length,
         query_prompt_name=args.query_prompt_name, doc_prompt_name=args.doc_prompt_name,
@@ -301,7 +298,7 @@ def run_search(args: argparse.Namespace) -> None:
     queries = list(args.query) + (read_lines(args.queries, "queries file") if args.queries else [])
     if not queries:
         raise TextclError("no query: pass one as an argument or a file with --queries FILE")
-    index = SearchIndex.load(args.index, device=device_of(args))
+    index = SearchIndex.load(args.index, device=args.device)
     if args.search_params is not None:
         set_search_params(index.index, args.search_params)
     hits = index.search(queries, args.k)
@@ -388,7 +385,7 @@ def mixed_precision(args: argparse.Namespace) -> contextlib.AbstractContextManag
         return contextlib.nullcontext()
     import torch
 
-    return torch.autocast(device_of(args).type, dtype=torch.bfloat16)
+    return torch.autocast(args.device.type, dtype=torch.bfloat16)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -399,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     args.overrides = overrides
     try:
+        if hasattr(args, "device"):
+            args.device = resolve_device(args.device)
         with mixed_precision(args):
             return args.run(args) or 0
     except TextclError as error:
