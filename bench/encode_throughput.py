@@ -13,7 +13,6 @@ import argparse
 
 import numpy as np
 import torch
-
 from common import best_time, minilm_path, scifact_docs, sentences
 
 

@@ -22,7 +22,6 @@ import sys
 import time
 
 import torch
-
 from common import minilm_path, peak_rss_gib, sentences
 
 IMPLS = ["textcl", "textcl-cache", "st-mnrl", "st-cached"]
@@ -30,8 +29,8 @@ IMPLS = ["textcl", "textcl-cache", "st-mnrl", "st-cached"]
 
 def textcl_step(batch: int, chunk: int, max_length: int, cached: bool):
     from textcl import Encoder
-    from textcl.gradcache import gradcache_backward
     from textcl.losses import InfoNCELoss
+    from textcl.losses.gradcache import gradcache_backward
 
     encoder = Encoder.load(minilm_path(), max_seq_length=max_length).train()
     loss = InfoNCELoss(temperature=0.05)

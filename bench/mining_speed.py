@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import torch
-
 from common import SHARED, minilm_path
 
 
@@ -32,7 +31,8 @@ def main() -> None:
     from sentence_transformers.util import mine_hard_negatives as peer_mine
 
     from textcl import Encoder
-    from textcl.mining import mine_hard_negatives, read_pairs
+    from textcl.io.pairs import read_pairs
+    from textcl.retrieval.mining import mine_hard_negatives
 
     anchors, positives, corpus = read_pairs(SHARED / "scifact", "train")
     corpus = corpus[: args.n_docs]

@@ -36,14 +36,18 @@ PEER_SETTINGS = {"per_device_train_batch_size": 32, "learning_rate": 5e-5, "num_
 
 
 def peer(seed: int, folder: Path) -> float:
-    from textcl.data import beir_pairs
+    import datasets
 
-    return train_peer(beir_pairs(SCIFACT, "train"), PEER_SETTINGS, seed, folder, logging_steps=10)
+    from textcl.io.beir import beir_pairs
+
+    anchors, positives, _ = beir_pairs(SCIFACT, "train")
+    pairs = datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
+    return train_peer(pairs, PEER_SETTINGS, seed, folder, logging_steps=10)
 
 
 def textcl(seed: int, folder: Path, recipe: str | None, bf16: bool = True) -> float:
     from textcl.config import load_config
-    from textcl.trainer import train
+    from textcl.training.trainer import train
 
     overrides = ["--seed", str(seed), "--output_dir", str(folder / "model"), "--overwrite_output_dir", "true"]
     if recipe is None:
@@ -73,7 +77,8 @@ def mine(recipe: str, folder: Path) -> Path:
 def evaluate(folder: Path) -> dict[str, float]:
     """SciFact test retrieval, and STS-B test Spearman (does retrieval tuning cost similarity?)."""
     from textcl import Encoder
-    from textcl.evaluation import evaluate_retrieval, evaluate_sts
+    from textcl.evaluation.retrieval import evaluate_retrieval
+    from textcl.evaluation.sts import evaluate_sts
 
     encoder = Encoder.load(folder / "model")
     metrics = evaluate_retrieval(encoder, SCIFACT, "test", k_values=(10, 100))

@@ -15,7 +15,6 @@ import argparse
 import json
 
 import numpy as np
-
 from common import SHARED, best_time, minilm_path, scifact_docs
 
 
@@ -29,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from textcl import Encoder
-    from textcl.search import SearchIndex
+    from textcl.retrieval.search_index import SearchIndex
 
     encoder = Encoder.load(minilm_path(), max_seq_length=256)
     docs = scifact_docs()

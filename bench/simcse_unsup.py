@@ -9,7 +9,7 @@
     two views are identical) and one fixed mask at p=0.1 shared by both views. A bare loop over textcl's
     Encoder and InfoNCELoss is used so that the three runs share everything but the masks; the trainer
     has no "shared mask" switch, and should not (it exists only to show what fails).
-(b) textcl's trainer (`textcl.trainer.train`, the simcse-unsup recipe's loss, mean pooling kept) from
+(b) textcl's trainer (`textcl.train`, the simcse-unsup recipe's loss, mean pooling kept) from
     all-MiniLM-L6-v2, then STS-B test and SciFact test nDCG@10 before and after: an already-trained model
     need not improve, and the figures are reported either way.
 Batch 64, max length 32, temperature 0.05, bf16 autocast, linear schedule with 10% warmup, seed 42.
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import SHARED, minilm_path
 
 SENTENCES = SHARED / "unlabeled-sentences" / "sentences.txt"
@@ -43,7 +42,7 @@ def random_init(folder: Path) -> Path:
 
 
 def stsb(encoder) -> float:
-    from textcl.evaluation import evaluate_sts
+    from textcl.evaluation.sts import evaluate_sts
 
     return evaluate_sts(encoder, STSB)["spearman"]
 
@@ -54,7 +53,7 @@ def ablation_run(model: Path, masks: str, steps: int, learning_rate: float) -> f
 
     from textcl import Encoder
     from textcl.losses import InfoNCELoss
-    from textcl.training_setup import set_dropout
+    from textcl.training.setup import set_dropout
 
     torch.manual_seed(42)
     encoder = Encoder.load(model)
@@ -98,8 +97,8 @@ def scratch(args: argparse.Namespace) -> None:
 def minilm(args: argparse.Namespace) -> None:
     from textcl import Encoder
     from textcl.config import load_config
-    from textcl.evaluation import evaluate_retrieval
-    from textcl.trainer import train
+    from textcl.evaluation.retrieval import evaluate_retrieval
+    from textcl.training.trainer import train
 
     def figures(model: str) -> dict[str, float]:
         encoder = Encoder.load(model)

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from common import SHARED, minilm_path, run_fresh, train_peer
 
 PAIRS = SHARED / "pairs" / "positive_pairs.tsv"
@@ -56,7 +55,7 @@ def peer(seed: int, folder: Path, temperature: float) -> float:
 
 def textcl(seed: int, folder: Path, bf16: bool) -> float:
     from textcl.config import load_config
-    from textcl.trainer import train
+    from textcl.training.trainer import train
 
     recipe = yaml.safe_load(RECIPE.read_text())
     settings = {"model_name_or_path": minilm_path(), **{key: recipe[key] for key in LOSS_KEYS},
@@ -70,7 +69,7 @@ def textcl(seed: int, folder: Path, bf16: bool) -> float:
 
 def evaluate(model: Path | str) -> dict[str, float]:
     from textcl import Encoder
-    from textcl.evaluation import evaluate_sts
+    from textcl.evaluation.sts import evaluate_sts
 
     encoder = Encoder.load(model)
     return {name: evaluate_sts(encoder, path)["spearman"] for name, path in TESTS.items()}

@@ -11,7 +11,7 @@ times; the best samples/s of each side is compared. samples/s counts anchors (ro
 training loop as each trainer reports it (`train_samples_per_second`), setup and saving excluded.
 Unsupervised data reaches the peer as (s, s) pairs and textcl as a text file (its dropout-positive input).
 The peer is `SentenceTransformerTrainer` with (Cached)MultipleNegativesRankingLoss (scale 20 = temperature
-0.05) and its no-duplicates batch sampler; textcl runs `textcl.trainer.train` with InfoNCE at 0.05.
+0.05) and its no-duplicates batch sampler; textcl runs `textcl.train` with InfoNCE at 0.05.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run_textcl(mode: dict, columns: dict[str, list[str]], steps: int, bf16: bool
     from datasets import Dataset
 
     from textcl.config import TrainConfig
-    from textcl.trainer import train
+    from textcl.training.trainer import train
 
     if columns["anchor"] is columns["positive"]:  # unsupervised: textcl's own input for it, one text a line
         data = folder / "train.txt"

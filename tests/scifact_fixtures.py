@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SENTENCES
+
 from textcl import Encoder
-from textcl.beir import doc_text, load_beir
-from textcl.corpus import encode_corpus
+from textcl.io.beir import doc_text, load_beir
+from textcl.retrieval.corpus_embeddings import encode_corpus
 
 MAX_LENGTH = 256  # MTEB's SciFact figure for all-MiniLM-L6-v2 uses max length 256
 

@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-
 from scifact_fixtures import tiny_beir, write_beir
-from textcl.beir import doc_text, load_beir
+
 from textcl.errors import TextclError
+from textcl.io.beir import doc_text, load_beir
 
 
 def test_tiny_folder_fields_and_qrels(tmp_path: Path) -> None:

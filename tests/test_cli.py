@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SENTENCES
+
 from textcl import Encoder, __version__
 
 

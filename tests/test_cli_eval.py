@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SENTENCES
 from scifact_fixtures import tiny_beir, write_beir
+
 from textcl import Encoder
 from textcl.cli import main
-from textcl.evaluation import evaluate
-from textcl.mining import mine_hard_negatives
-from textcl.search import SearchIndex
+from textcl.evaluation.suite import evaluate
+from textcl.retrieval.mining import mine_hard_negatives
+from textcl.retrieval.search_index import SearchIndex
 
 
 def textcl(*args: str) -> subprocess.CompletedProcess:

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from textcl.collator import ContrastiveCollator, augment, text_id
 from textcl.config import DataArguments, TrainConfig
-from textcl.data import load_rows, max_negatives
+from textcl.data.collator import ContrastiveCollator, augment, text_id
+from textcl.data.loader import build_training_data
+from textcl.data.rows import load_rows, max_negatives
+from textcl.data.sampler import NoDuplicatesBatchSampler, greedy_batches, row_ids, row_index
 from textcl.errors import TextclError
-from textcl.sampler import NoDuplicatesBatchSampler, greedy_batches, row_ids
-from textcl.training_setup import build_loader, row_index
 
 
 def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> str:
@@ -115,7 +115,7 @@ def tokenizer(tiny_model_dir: Path):
 
 
 def test_collator_prompts_lengths_and_ids(tokenizer) -> None:
-    collator = ContrastiveCollator(tokenizer, query_max_length=6, passage_max_length=12, num_negatives=3,
+    collator = ContrastiveCollator(tokenizer, query_max_length=6, document_max_length=12, num_negatives=3,
                                    query_prompt="query: ", document_prompt="passage: ")
     rows = [
         {"anchor": "a man is playing a guitar loudly tonight", "positive": "the cat sits on the mat",
@@ -219,6 +219,6 @@ def test_batch_per_source_keeps_each_batch_to_one_source_and_mixes_their_order(t
     mixed = NoDuplicatesBatchSampler(ids, 16, seed=3)
     assert any(len(set(sources[batch])) == 2 for batch in mixed)
     with pytest.raises(TextclError, match="streaming: false"):
-        build_loader(TrainConfig.from_dict({"train_data": [str(pairs)], "batch_per_source": True, "streaming": True,
-                                            "model_name_or_path": "unused",
-                                            "max_steps": 1, "output_dir": str(tmp_path / "o")}), None, None)
+        config = TrainConfig.from_dict({"train_data": [str(pairs)], "batch_per_source": True, "streaming": True,
+                                        "model_name_or_path": "unused", "max_steps": 1, "output_dir": str(tmp_path / "o")})
+        build_training_data(config.data, tokenizer=None, max_seq_length=8, prompts={}, batch_size=8, seed=0)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from textcl.beir import load_beir
-from textcl.demo import QUERIES_PER_SOURCE, demo_rows, run, split_rows, write_beir
+from textcl.demo.run import QUERIES_PER_SOURCE, demo_rows, run, split_rows, write_beir
+from textcl.io.beir import load_beir
 
 
 def test_bundled_data_splits_evenly_by_source() -> None:

@@ -18,8 +18,8 @@ from gloo_processes import run_processes
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import textcl.distributed
-import textcl.losses
+import textcl.losses.distributed
+import textcl.losses.infonce
 from textcl.losses import InfoNCELoss, MatryoshkaLoss
 
 SCENARIOS = {
@@ -97,9 +97,9 @@ def worker(rank: int, folder: Path) -> None:
         ddp = DistributedDataParallel(model)
         start = sum(scenario["sizes"][:rank])
         if scenario.get("local_slice"):
-            textcl.losses.gather_rows = local_slice_gather
+            textcl.losses.infonce.gather_rows = local_slice_gather
         value = step(ddp, loss, scenario, slice(start, start + scenario["sizes"][rank]))
-        textcl.losses.gather_rows = textcl.distributed.gather_rows
+        textcl.losses.infonce.gather_rows = textcl.losses.distributed.gather_rows
         results[name] = {"loss": value, "grads": gradients(model, inner)}
     torch.save(results, folder / f"rank{rank}.pt")
 

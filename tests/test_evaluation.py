@@ -11,17 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from scipy.stats import pearsonr, spearmanr
-
 from conftest import SENTENCES
 from scifact_fixtures import minilm, scifact, tiny_beir  # noqa: F401
+from scipy.stats import pearsonr, spearmanr
+
 from textcl import Encoder
 from textcl import corpus as corpus_module
-from textcl.beir import doc_text, load_beir
-from textcl.corpus import encode_corpus, exact_search
 from textcl.errors import TextclError
-from textcl.evaluation import alignment_uniformity, evaluate, evaluate_retrieval, evaluate_sts
-from textcl.metrics import retrieval_metrics
+from textcl.evaluation.geometry import alignment_uniformity
+from textcl.evaluation.retrieval import evaluate_retrieval
+from textcl.evaluation.retrieval_metrics import retrieval_metrics
+from textcl.evaluation.sts import evaluate_sts
+from textcl.evaluation.suite import evaluate
+from textcl.io.beir import doc_text, load_beir
+from textcl.retrieval.corpus_embeddings import encode_corpus
+from textcl.retrieval.exact_search import exact_search
 
 K_VALUES = (1, 3, 5, 10, 20)
 CUTOFFS = ",".join(map(str, K_VALUES))
@@ -201,7 +205,7 @@ def test_exact_search_over_blocks_and_parts_equals_numpy(monkeypatch) -> None:
 SHARD_SCRIPT = """
 import sys, numpy as np
 from textcl import Encoder
-from textcl.corpus import encode_corpus, distributed_state
+from textcl.retrieval.corpus_embeddings import distributed_state, encode_corpus
 encoder = Encoder.load(sys.argv[1], pooling="mean")
 texts = [f"text {i} " * (i % 7 + 1) for i in range(45)]
 for name, cache in (("cached", sys.argv[2]), ("temporary", None)):
@@ -243,14 +247,54 @@ def test_stsb_test_spearman_matches_the_peer(minilm, shared_data: Path) -> None:
     assert result["n"] == 1379
 
 
-def test_textcl_does_not_use_the_hub_hosted_evaluate_library() -> None:
-    """Hugging Face `evaluate` loads its metrics from the Hub, so it fails offline; textcl must not need it."""
+def test_only_the_shipped_evaluate_modules_import_evaluate() -> None:
+    """Hugging Face `evaluate` is optional: textcl's own code never imports it; only the metric modules shipped
+    for `evaluate.load` (textcl/evaluation/metrics/) do."""
     import ast
 
     package = Path(__file__).resolve().parents[1] / "textcl"
-    for source in package.glob("*.py"):
+    metrics = package / "evaluation" / "metrics"
+    sources = [source for source in package.rglob("*.py") if metrics not in source.parents]
+    assert len(sources) > 40
+    for source in sources:
         for node in ast.walk(ast.parse(source.read_text())):
             if isinstance(node, ast.Import):
                 assert all(alias.name.split(".")[0] != "evaluate" for alias in node.names), source
             if isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] != "evaluate" or node.level > 0, source
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_evaluate_retrieval_module_equals_textcl_and_pytrec_eval(seed: int) -> None:
+    """`evaluate.load(textcl.evaluation.RETRIEVAL_METRIC)` works offline and gives textcl's figures, which equal
+    pytrec_eval's (graded qrels, ties)."""
+    evaluate = pytest.importorskip("evaluate")
+    from textcl.evaluation import RETRIEVAL_METRIC
+
+    qrels, run = random_judgements(np.random.default_rng(100 + seed))
+    metric = evaluate.load(RETRIEVAL_METRIC)
+    predictions = [{"query_id": q, "doc_ids": list(docs), "scores": list(docs.values())} for q, docs in run.items()]
+    references = [{"query_id": q, "doc_ids": list(docs), "relevance": list(docs.values())} for q, docs in qrels.items()]
+    half = len(predictions) // 2  # batches added one by one give the same result
+    metric.add_batch(predictions=predictions[:half], references=references[:half])
+    metric.add_batch(predictions=predictions[half:], references=references[half:])
+    loaded = metric.compute(k_values=K_VALUES)
+    assert loaded == pytest.approx(retrieval_metrics(qrels, run, K_VALUES), abs=1e-12)
+    for name, value in reference_metrics(qrels, run).items():
+        assert loaded[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_the_evaluate_sts_module_equals_textcl_and_scipy() -> None:
+    evaluate = pytest.importorskip("evaluate")
+    from scipy.stats import pearsonr, spearmanr
+
+    from textcl.evaluation import STS_METRIC
+    from textcl.evaluation.sts import correlations
+
+    rng = np.random.default_rng(0)
+    gold = rng.uniform(0, 5, 200).round(1)
+    predicted = np.tanh(gold / 5 + rng.normal(0, 0.3, 200))
+    loaded = evaluate.load(STS_METRIC).compute(predictions=predicted.tolist(), references=gold.tolist())
+    assert loaded == pytest.approx(correlations(gold, predicted), abs=1e-12)
+    assert loaded["spearman"] == pytest.approx(spearmanr(gold, predicted).statistic, abs=1e-12)
+    assert loaded["pearson"] == pytest.approx(pearsonr(gold, predicted).statistic, abs=1e-12)

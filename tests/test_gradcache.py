@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SENTENCES
 from gloo_processes import run_processes
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import SENTENCES
 from textcl import Encoder
-from textcl.gradcache import RngState, gradcache_backward, split_batch
 from textcl.losses import InfoNCELoss
+from textcl.losses.gradcache import RngState, gradcache_backward, split_batch
 
 ROWS = 8
 

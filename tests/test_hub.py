@@ -21,11 +21,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-
 from conftest import SENTENCES
+
 from textcl import Encoder
 from textcl.config import TrainConfig
-from textcl.model_card import TrainingRun, model_card
+from textcl.hub.model_card import TrainingRun, model_card, write_model_card
 
 TOKEN = "hf_textclTestToken0123456789abcdef"
 ROUTES = {
@@ -132,7 +132,7 @@ def textcl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 def model_folder(tiny_model_dir: Path, tmp_path: Path) -> Path:
     """A saved model plus what a training run leaves next to it (a checkpoint) that must not be uploaded."""
     folder = tmp_path / "model"
-    Encoder.load(tiny_model_dir, pooling="mean").save(folder)
+    Encoder.load(tiny_model_dir, pooling="mean").save(folder, model_card=write_model_card)
     (folder / "checkpoint-2").mkdir()
     (folder / "checkpoint-2" / "optimizer.bin").write_bytes(b"optimizer state")
     return folder
@@ -152,6 +152,22 @@ def test_push_uploads_exactly_the_model_folder(hub: FakeHub, model_folder: Path,
     assert folder_files(model_folder) == before
     assert TOKEN not in result.stdout + result.stderr
     assert f"{hub.url}/tester/tiny/commit/" in result.stdout
+
+
+def test_push_of_a_folder_without_a_card_uploads_one_and_leaves_the_folder(
+    hub: FakeHub, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`Encoder.save` writes no card unless asked; `textcl push` then adds one on the Hub in a second commit."""
+    folder = tmp_path / "bare"
+    Encoder.load(tiny_model_dir, pooling="mean").save(folder)
+    before = folder_files(folder)
+    assert "README.md" not in before
+    result = textcl(["push", str(folder), "tester/bare"], push_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hub.routes().count("commit") == 2 and folder_files(folder) == before
+    uploaded = hub.files["tester/bare", "main"]
+    assert set(uploaded) == set(before) | {"README.md"}
+    assert "# tester/bare" in uploaded["README.md"].decode() and "Encoder.load(\"tester/bare\")" in uploaded["README.md"].decode()
 
 
 def test_missing_token_stops_before_any_request(hub: FakeHub, model_folder: Path, tmp_path: Path) -> None:
@@ -216,7 +232,7 @@ def test_training_with_push_to_hub_uploads_the_run_with_its_card(
 def run_of(tmp_path: Path, metrics: dict | None = None, **settings) -> TrainingRun:
     config = TrainConfig.from_dict({"model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
                                     "train_data": str(tmp_path / "pairs.tsv"), "output_dir": str(tmp_path), **settings})
-    return TrainingRun(config=config.to_dict(), metrics=metrics or {}, steps=10, num_processes=2, train_rows=100)
+    return TrainingRun(config=config, metrics=metrics or {}, steps=10, num_processes=2, train_rows=100)
 
 
 CITED = re.compile(r"^\*\*(.+?)\*\* \(", re.MULTILINE)

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SENTENCES
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import SENTENCES
 from textcl import Encoder, SearchIndex
 from textcl.cli import main
 from textcl.config import ModelArguments, load_config
-from textcl.demo import demo_rows
-from textcl.trainer import Trainer
-from textcl.training_setup import build_encoder
+from textcl.demo.run import demo_rows
+from textcl.training.setup import build_encoder
+from textcl.training.trainer import Trainer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 LORA = {"lora": True, "lora_r": 4, "lora_alpha": 8, "pooling": "mean", "learning_rate": 1e-2}
@@ -177,7 +177,7 @@ def test_architectures_peft_does_not_know_get_every_linear_layer_but_the_pooler(
     from peft import LoraConfig, get_peft_model
     from transformers import MPNetConfig, MPNetModel
 
-    from textcl.lora import default_target_modules
+    from textcl.model.lora import default_target_modules
 
     model = MPNetModel(MPNetConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32))

@@ -10,7 +10,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from torch.func import functional_call
 
 from textcl.losses import InfoNCELoss, MatryoshkaLoss
-from textcl.stats import contrastive_stats
+from textcl.training.statistics import contrastive_stats
 
 
 def cosine(u: torch.Tensor, v: torch.Tensor) -> float:

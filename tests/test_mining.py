@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from scifact_fixtures import minilm, scifact  # noqa: F401
+
 from textcl import Encoder
-from textcl.beir import doc_text, load_beir
 from textcl.errors import TextclError
-from textcl.mining import mine_hard_negatives, read_pairs
+from textcl.io.beir import doc_text, load_beir
+from textcl.io.pairs import read_pairs
+from textcl.retrieval.mining import mine_hard_negatives
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SENTENCES
-from textcl import Encoder, POOLING_MODES
+
+from textcl import POOLING_MODES, Encoder
 from textcl.errors import TextclError
 
 

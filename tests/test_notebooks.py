@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
-
 from scifact_fixtures import write_beir
-from textcl.demo import demo_rows
+
+from textcl.demo.run import demo_rows
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from textcl.errors import TextclError
-from textcl.pooling import POOLING_MODES, pool
+from textcl.model.pooling import POOLING_MODES, pool
 
 
 def padded(tokens: torch.Tensor, total: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SENTENCES
 from gloo_processes import run_processes
 
-from conftest import SENTENCES
 from textcl import Encoder
-from textcl.queue import MomentumEncoder, NegativeQueue
+from textcl.losses.queue import MomentumEncoder, NegativeQueue
 
 
 def test_momentum_encoder_starts_equal_and_follows_the_ema(tiny_model_dir: Path) -> None:

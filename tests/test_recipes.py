@@ -8,8 +8,8 @@ import pytest
 
 from textcl import Encoder
 from textcl.config import load_config
-from textcl.evaluation import evaluate_sts
-from textcl.trainer import train
+from textcl.evaluation.sts import evaluate_sts
+from textcl.training.trainer import train
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SENTENCES, build_tiny_bert, build_tokenizer
 from scifact_fixtures import scifact  # noqa: F401
+
 from textcl import Encoder
-from textcl.beir import load_beir
 from textcl.errors import TextclError
-from textcl.search import SearchIndex, set_search_params
+from textcl.io.beir import load_beir
+from textcl.retrieval.faiss_index import set_search_params
+from textcl.retrieval.search_index import SearchIndex
 
 QUERIES = ["someone plays an instrument", "animals in the snow", "financial news", "a book"]
 
@@ -57,7 +58,7 @@ def test_add_appends_searchable_documents_and_keeps_ids_unique(tiny_model_dir: P
 
 def test_k_larger_than_the_index_is_clamped_with_a_warning(tiny_model_dir: Path, caplog) -> None:
     index = SearchIndex.build(Encoder.load(tiny_model_dir, pooling="mean"), SENTENCES)
-    with caplog.at_level(logging.WARNING, logger="textcl.search"):
+    with caplog.at_level(logging.WARNING, logger="textcl.retrieval.search_index"):
         hits = index.search("a query", k=50)
     assert hits.ids.shape == (1, 12)
     assert "k=50 is larger than the index (12 documents); returning 12" in caplog.text

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SENTENCES
 from scipy.stats import spearmanr
 
-from conftest import SENTENCES
 from textcl import Encoder
 
 st = pytest.importorskip("sentence_transformers")

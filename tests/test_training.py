@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SENTENCES
 from safetensors.torch import load_file
 
-from conftest import SENTENCES
 from textcl import Encoder
 from textcl.cli import main
-from textcl.demo import demo_rows
+from textcl.demo.run import demo_rows
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -182,15 +182,18 @@ def test_length_sorted_chunks_give_the_loss_of_the_unsorted_batch(
     """Embedding in length-sorted chunks of 3 rows (each padded to its own longest text) gives, at step 1,
     the loss of the first batch computed directly from whole, unsorted forwards (dropout off)."""
     from textcl.config import load_config
+    from textcl.data.loader import build_training_data
     from textcl.losses import InfoNCELoss
-    from textcl.training_setup import build_encoder, build_loader
+    from textcl.training.setup import build_encoder
 
     recipe = write_recipe(tmp_path, tiny_model_dir, pairs_file, max_steps=1, dropout=0.0, pooling="mean")
     assert main(["train", str(recipe), "--forward_chunk_size", "3"]) == 0
     config = load_config(str(recipe), ["--output_dir", str(tmp_path / "unused")])
     encoder = build_encoder(config.model)
-    loader, _, _ = build_loader(config, encoder, type("One", (), {"num_processes": 1, "process_index": 0})())
-    batch = next(iter(loader))
+    data = build_training_data(config.data, tokenizer=encoder.tokenizer, max_seq_length=encoder.max_seq_length,
+                               prompts=encoder.prompts, batch_size=config.training.per_device_train_batch_size,
+                               seed=config.training.seed)
+    batch = next(iter(data.loader))
     with torch.no_grad():
         anchor, positive = encoder(**batch["anchor"]), encoder(**batch["positive"])
         negatives = encoder(**batch["negatives"]).view(8, 1, -1)

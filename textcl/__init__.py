@@ -2,6 +2,7 @@
 
 The public names load on first use (PEP 562): `import textcl` for training or encoding does not pull in
 faiss and scipy, which only evaluation, mining and search need (~35 MB of memory and ~0.8 s of import).
+ARCHITECTURE.md maps the packages: model, data, losses, training, retrieval, evaluation, io, hub, cli.
 """
 
 from __future__ import annotations
@@ -12,30 +13,38 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 EXPORTS = {
-    "POOLING_MODES": "textcl.pooling",
-    "Encoder": "textcl.modeling",
-    "InfoNCELoss": "textcl.losses",
-    "MatryoshkaLoss": "textcl.losses",
-    "SearchIndex": "textcl.search",
+    "POOLING_MODES": "textcl.model.pooling",
+    "Encoder": "textcl.model.encoder",
+    "InfoNCELoss": "textcl.losses.infonce",
+    "MatryoshkaLoss": "textcl.losses.matryoshka",
+    "SearchIndex": "textcl.retrieval.search_index",
     "TextclError": "textcl.errors",
-    "evaluate": "textcl.evaluation",
-    "evaluate_retrieval": "textcl.evaluation",
-    "evaluate_sts": "textcl.evaluation",
-    "load_beir": "textcl.beir",
-    "mine_hard_negatives": "textcl.mining",
+    "TrainConfig": "textcl.config",
+    "evaluate": "textcl.evaluation.suite",
+    "evaluate_retrieval": "textcl.evaluation.retrieval",
+    "evaluate_sts": "textcl.evaluation.sts",
+    "load_beir": "textcl.io.beir",
+    "load_config": "textcl.config",
+    "mine_hard_negatives": "textcl.retrieval.mining",
+    "train": "textcl.training.trainer",
 }
 
 __all__ = ["__version__", *EXPORTS]
 
 if TYPE_CHECKING:
-    from textcl.beir import load_beir
+    from textcl.config import TrainConfig, load_config
     from textcl.errors import TextclError
-    from textcl.evaluation import evaluate, evaluate_retrieval, evaluate_sts
-    from textcl.losses import InfoNCELoss, MatryoshkaLoss
-    from textcl.mining import mine_hard_negatives
-    from textcl.modeling import Encoder
-    from textcl.pooling import POOLING_MODES
-    from textcl.search import SearchIndex
+    from textcl.evaluation.retrieval import evaluate_retrieval
+    from textcl.evaluation.sts import evaluate_sts
+    from textcl.evaluation.suite import evaluate
+    from textcl.io.beir import load_beir
+    from textcl.losses.infonce import InfoNCELoss
+    from textcl.losses.matryoshka import MatryoshkaLoss
+    from textcl.model.encoder import Encoder
+    from textcl.model.pooling import POOLING_MODES
+    from textcl.retrieval.mining import mine_hard_negatives
+    from textcl.retrieval.search_index import SearchIndex
+    from textcl.training.trainer import train
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from textcl.errors import TextclError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,7 +68,7 @@ class DataArguments:
     label_column: str | None = field(default=None, metadata={"help": "Rows sharing a label are positives."})
     num_negatives: int | None = field(default=None, metadata={"help": "Use only the first N negatives a row."})
     query_max_length: int | None = field(default=None, metadata={"help": "Token limit for anchors."})
-    passage_max_length: int | None = field(default=None, metadata={"help": "Token limit for positives/negatives."})
+    document_max_length: int | None = field(default=None, metadata={"help": "Token limit for positives/negatives."})
     augment: list[str] = field(
         default_factory=list,
         metadata={"help": "Augmentations for dropout positives: word_deletion, span_crop, word_repetition."},
@@ -172,6 +175,8 @@ class TrainConfig:
 PARTS = (ModelArguments, DataArguments, LossArguments, TrainingArguments)
 FIELDS = [f.name for part in PARTS for f in dataclasses.fields(part)]
 REQUIRED = ("model_name_or_path", "train_data", "output_dir")
+# Old names users may have written in recipes or on the command line -> the current name.
+DEPRECATED_KEYS = {"passage_max_length": "document_max_length"}
 LIST_FIELDS = {f.name for part in PARTS for f in dataclasses.fields(part) if str(f.type).startswith("list")}
 
 
@@ -196,6 +201,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
     """Recipe values, then `--key value` overrides, into a validated TrainConfig."""
+    recipe = {renamed(key): value for key, value in recipe.items()}
+    overrides = [f"--{renamed(item[2:])}" if item.startswith("--") else item for item in overrides]
     for key in recipe:
         if key not in FIELDS:
             raise TextclError(f"unknown recipe key {key!r}{closest(key)}")
@@ -217,6 +224,15 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
     if config.model.lora_merge and not config.model.lora:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
     return config
+
+
+def renamed(key: str) -> str:
+    """The current name of a setting, with a one-line deprecation message for an old one."""
+    name, _, value = key.partition("=")
+    if name not in DEPRECATED_KEYS:
+        return key
+    logger.warning("textcl: setting %r is deprecated; use %r", name, DEPRECATED_KEYS[name])
+    return DEPRECATED_KEYS[name] + (f"={value}" if value else "")
 
 
 def as_list(key: str, value: Any) -> Any:

@@ -1,0 +1,46 @@
+"""`textcl eval`: STS correlations and BEIR retrieval metrics of a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from textcl.cli.options import add_encoding_options, cache_dir_of, defaults_of, precision_of
+from textcl.errors import TextclError
+from textcl.evaluation.retrieval import evaluate_retrieval
+from textcl.evaluation.suite import evaluate, format_table
+from textcl.model.encoder import Encoder
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    defaults = defaults_of(evaluate) | defaults_of(evaluate_retrieval)
+    parser.add_argument("model", help="model folder or Hub id")
+    parser.add_argument("--sts", nargs="+", default=[], metavar="FILE",
+                        help="STS tables (sentence1, sentence2, score): .tsv/.csv/.jsonl/.parquet files or Hub ids")
+    parser.add_argument("--sts_columns", nargs=3, default=list(defaults["sts_columns"]),
+                        metavar=("FIRST", "SECOND", "SCORE"))
+    parser.add_argument("--beir", default=None, metavar="DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    parser.add_argument("--split", default=defaults["split"], help="qrels split of the BEIR folder")
+    parser.add_argument("--k_values", nargs="+", type=int, default=list(defaults["k_values"]))
+    parser.add_argument("--allow_missing", action="store_true", help="drop qrels naming unknown documents/queries")
+    add_encoding_options(parser, evaluate_retrieval)
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.sts and not args.beir:
+        raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device)
+    results = evaluate(
+        encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
+        batch_size=args.batch_size, precision=precision_of(args), k_values=args.k_values,
+        query_prompt_name=args.query_prompt_name, document_prompt_name=args.document_prompt_name,
+        query_max_length=args.query_max_length, allow_missing=args.allow_missing, cache_dir=cache_dir_of(args),
+        show_progress_bar=True,
+    )
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")

@@ -1,0 +1,70 @@
+"""`textcl mine`: hard negatives for (anchor, positive) pairs, written as a training table."""
+
+from __future__ import annotations
+
+import argparse
+
+from textcl.cli.options import add_encoding_options, cache_dir_of, defaults_of, precision_of
+from textcl.io.corpus import read_corpus
+from textcl.io.pairs import read_pairs
+from textcl.io.tables import check_output, write_table
+from textcl.model.encoder import Encoder
+from textcl.retrieval.mining import SAMPLING, check_options, mine_hard_negatives
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    defaults = defaults_of(mine_hard_negatives) | defaults_of(read_pairs)
+    parser.add_argument("model", help="model folder or Hub id")
+    parser.add_argument("--data", required=True, help="pairs table (.tsv/.csv/.jsonl/.parquet or Hub id) or BEIR folder")
+    parser.add_argument("--split", default=defaults["split"], help="qrels split of a BEIR folder, or Hub split")
+    parser.add_argument("--anchor_column", default=defaults["anchor_column"])
+    parser.add_argument("--positive_column", default=defaults["positive_column"])
+    parser.add_argument("--corpus", default=None,
+                        help="candidate texts: text file, table with 'text', or BEIR folder "
+                        "(default: the BEIR corpus of --data, else the positives)")
+    parser.add_argument("--out", required=True, help="output dataset (.jsonl, .tsv, .csv or .parquet)")
+    parser.add_argument("--num_negatives", type=int, default=defaults["num_negatives"])
+    parser.add_argument("--min_negatives", type=int, default=defaults["min_negatives"],
+                        help="keep rows with at least this many negatives, the missing ones empty "
+                             "(default: --num_negatives; 0 keeps every row)")
+    parser.add_argument("--range_min", type=int, default=defaults["range_min"],
+                        help="skip this many best-ranked candidates")
+    parser.add_argument("--range_max", type=int, default=defaults["range_max"],
+                        help="consider candidates up to this rank")
+    parser.add_argument("--max_score_ratio", type=optional_float, default=defaults["max_score_ratio"],
+                        help="keep a negative only if its score < ratio x the positive's score ('none': off)")
+    parser.add_argument("--margin", type=optional_float, default=defaults["margin"],
+                        help="... and < the positive's score - margin ('none': off)")
+    parser.add_argument("--sampling", choices=SAMPLING, default=defaults["sampling"])
+    parser.add_argument("--factory", default=defaults["factory"], help="faiss index_factory string, e.g. IVF1024,Flat")
+    parser.add_argument("--search_params", default=defaults["search_params"],
+                        help="faiss search parameters, e.g. nprobe=32")
+    parser.add_argument("--seed", type=int, default=defaults["seed"])
+    parser.add_argument("--allow_missing", action="store_true", help="drop qrels naming unknown documents/queries")
+    add_encoding_options(parser, mine_hard_negatives, cache_by_default=True)
+
+
+def optional_float(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def run(args: argparse.Namespace) -> None:
+    check_output(args.out)
+    check_options(args.num_negatives, args.range_min, args.range_max, args.max_score_ratio, args.sampling)
+    anchors, positives, corpus = read_pairs(
+        args.data, args.split, args.anchor_column, args.positive_column, args.allow_missing
+    )
+    if args.corpus:
+        corpus = read_corpus(args.corpus)[1]
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device)
+    mined = mine_hard_negatives(
+        encoder, anchors, positives, corpus, num_negatives=args.num_negatives, min_negatives=args.min_negatives,
+        range_min=args.range_min, range_max=args.range_max, max_score_ratio=args.max_score_ratio,
+        margin=args.margin, sampling=args.sampling, factory=args.factory, search_params=args.search_params,
+        query_prompt_name=args.query_prompt_name, document_prompt_name=args.document_prompt_name,
+        query_max_length=args.query_max_length, batch_size=args.batch_size, precision=precision_of(args),
+        cache_dir=cache_dir_of(args), seed=args.seed, show_progress_bar=True,
+    )
+    print(mined.stats.summary())
+    write_table(mined.columns, args.out)
+    print(f"wrote {args.out}: {mined.stats.rows_kept} rows")

@@ -1,0 +1,110 @@
+"""Rows -> a tokenized training batch, with prompts, augmentations and stable text ids.
+
+Anchors (queries) and positives/negatives (documents) are tokenized separately, each padded to its
+own longest text and truncated to its own max length. Text ids are 63-bit hashes that agree across
+processes (Python's `hash` does not), so the loss can mask candidates identical to a row's positive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+AUGMENTATIONS = ("word_deletion", "span_crop", "word_repetition")
+
+
+def text_id(text: str) -> int:
+    """A stable signed 64-bit id of `text` (blake2b), equal in every process and run."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def augment(text: str, method: str, rng: random.Random, rate: float = 0.1) -> str:
+    """One augmentation of `text` for an unsupervised positive (words are whitespace tokens)."""
+    words = text.split()
+    if len(words) < 2:
+        return text
+    if method == "word_deletion":
+        kept = [w for w in words if rng.random() >= rate]
+        return " ".join(kept or [rng.choice(words)])
+    if method == "span_crop":
+        length = max(1, round(len(words) * (1 - rate * 2)))
+        start = rng.randrange(len(words) - length + 1)
+        return " ".join(words[start : start + length])
+    if method == "word_repetition":
+        return " ".join(w for word in words for w in ([word, word] if rng.random() < rate else [word]))
+    raise ValueError(f"unknown augmentation {method!r}")
+
+
+@dataclass
+class ContrastiveCollator:
+    """Callable for `DataLoader(collate_fn=...)`: list of rows -> batch dict.
+
+    The batch holds `anchor` (tokenized `[B, Tq]`), `positive` (`[B, Tp]`, or None for dropout positives:
+    the trainer encodes the anchors twice), `negatives` (`[n, Tp]`: the real negatives of all rows in row
+    order, or None), `anchor_ids`, `positive_ids` `[B]`, and with `num_negatives` k > 0 `negative_ids` and
+    `negative_mask` `[B, k]` (rows with fewer than k negatives are padded: id 0, mask False), else None;
+    `labels` `[B]` or None.
+    """
+
+    tokenizer: Any
+    query_max_length: int
+    document_max_length: int
+    num_negatives: int = 0
+    query_prompt: str = ""
+    document_prompt: str = ""
+    augment: tuple[str, ...] = ()
+    seed: int = 0
+    epoch: int = field(default=0, repr=False)
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+    def positives(self, rows: list[dict[str, Any]]) -> list[str] | None:
+        """Positive texts, or None when every row is a plain dropout positive."""
+        if all(row["positive"] is None for row in rows):
+            if not self.augment:
+                return None
+            return [self.augmented(row["anchor"]) for row in rows]
+        return [row["anchor"] if row["positive"] is None else row["positive"] for row in rows]
+
+    def augmented(self, text: str) -> str:
+        """Deterministic in (seed, epoch, text) so a resumed run sees the same augmentations."""
+        rng = random.Random(f"{self.seed}:{self.epoch}:{text}")
+        return augment(text, rng.choice(self.augment), rng)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        anchors = [row["anchor"] for row in rows]
+        positives = self.positives(rows)
+        negatives = [row["negatives"][: self.num_negatives] for row in rows]
+        flat_negatives = [text for row_negatives in negatives for text in row_negatives]
+        documents = positives if positives is not None else anchors
+        batch: dict[str, Any] = {
+            "anchor": self.tokenize([self.query_prompt + a for a in anchors], self.query_max_length),
+            "positive": None,
+            "negatives": None,
+            "anchor_ids": torch.tensor([text_id(a) for a in anchors]),
+            "positive_ids": torch.tensor([text_id(p) for p in documents]),
+            "negative_ids": None,
+            "negative_mask": None,
+            "labels": None,
+        }
+        if positives is not None:
+            batch["positive"] = self.tokenize([self.document_prompt + p for p in positives], self.document_max_length)
+        if self.num_negatives:
+            missing = [self.num_negatives - len(row) for row in negatives]
+            batch["negative_ids"] = torch.tensor(
+                [[text_id(n) for n in row] + [0] * m for row, m in zip(negatives, missing)]
+            )
+            batch["negative_mask"] = torch.tensor(
+                [[True] * len(row) + [False] * m for row, m in zip(negatives, missing)]
+            )
+            if flat_negatives:
+                texts = [self.document_prompt + n for n in flat_negatives]
+                batch["negatives"] = self.tokenize(texts, self.document_max_length)
+        if rows[0].get("label") is not None:
+            batch["labels"] = torch.tensor([text_id(str(row["label"])) for row in rows])
+        return batch

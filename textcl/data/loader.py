@@ -1,0 +1,92 @@
+"""The batches of a training run: rows -> no-duplicate batches -> tokenized batches, and one `set_epoch`.
+
+`build_training_data` is what the trainer calls; it knows nothing of the model or of accelerate (it is
+given the tokenizer, the process count and this process's index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from textcl.config import DataArguments
+from textcl.data.collator import AUGMENTATIONS, ContrastiveCollator
+from textcl.data.rows import has_dropout_positives, load_rows, max_negatives
+from textcl.data.sampler import NoDuplicatesBatchSampler, StreamBatches, row_index
+from textcl.errors import TextclError
+
+
+@dataclass
+class TrainingData:
+    """A DataLoader of tokenized batches (see `ContrastiveCollator`) and what the run's summary needs to know.
+
+    `rows` is None for streamed data (no length); `dropout_positives`: some rows are their own positive;
+    `num_negatives`: the most hard negatives a row has (0: in-batch negatives only).
+    """
+
+    loader: DataLoader
+    batcher: NoDuplicatesBatchSampler | StreamBatches
+    collator: ContrastiveCollator
+    rows: int | None
+    dropout_positives: bool
+    num_negatives: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the batches and re-draw the augmentations of `epoch` (deterministic, so resumable)."""
+        self.batcher.set_epoch(epoch)
+        self.collator.epoch = epoch
+
+
+def build_training_data(
+    data: DataArguments,
+    *,
+    tokenizer: Any,
+    max_seq_length: int,
+    prompts: dict[str, str],
+    batch_size: int,
+    seed: int,
+    drop_last: bool = False,
+    num_processes: int = 1,
+    process_index: int = 0,
+) -> TrainingData:
+    """Load the rows of `data` and batch them `batch_size` rows per process; errors name the fix before any
+    training starts. Streams are split between processes here; map-style batches are split by the caller
+    (accelerate's prepared loader)."""
+    unknown = set(data.augment) - set(AUGMENTATIONS)
+    if unknown:
+        raise TextclError(f"unknown augmentation {sorted(unknown)[0]!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if data.batch_per_source and data.streaming:
+        raise TextclError("batch_per_source needs map-style data: set streaming: false")
+    rows = load_rows(data)
+    collator = ContrastiveCollator(
+        tokenizer=tokenizer,
+        query_max_length=data.query_max_length or max_seq_length,
+        document_max_length=data.document_max_length or max_seq_length,
+        num_negatives=max_negatives(rows),
+        query_prompt=prompts.get("query", ""),
+        document_prompt=prompts.get("document", ""),
+        augment=tuple(data.augment),
+        seed=seed,
+    )
+    generator = torch.Generator().manual_seed(seed)  # keeps DataLoader seeding off the global RNG
+    summary = dict(dropout_positives=has_dropout_positives(rows), num_negatives=collator.num_negatives)
+    if data.streaming:
+        from datasets.distributed import split_dataset_by_node  # streaming only
+
+        shard = split_dataset_by_node(rows, rank=process_index, world_size=num_processes)
+        batches = StreamBatches(shard, batch_size, seed, drop_last)
+        loader = DataLoader(batches, batch_size=None, collate_fn=collator, generator=generator)
+        return TrainingData(loader, batches, collator, None, **summary)
+    global_batch = batch_size * num_processes
+    if drop_last and global_batch > len(rows):
+        raise TextclError(
+            f"batch of {global_batch} rows ({batch_size} per device x {num_processes}) is larger than "
+            f"the {len(rows)} training rows with dataloader_drop_last: lower per_device_train_batch_size"
+        )
+    ids, lengths, sources = row_index(rows, data.group_by_length)
+    sampler = NoDuplicatesBatchSampler(ids, batch_size, drop_last, seed, lengths, sources)
+    loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collator, generator=generator)
+    return TrainingData(loader, sampler, collator, len(rows), **summary)

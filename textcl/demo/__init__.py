@@ -1,0 +1,1 @@
+"""`textcl demo`: the embedded default on bundled data (see `textcl.demo.run`)."""

@@ -1,0 +1,68 @@
+"""`evaluate`: STS and BEIR retrieval of one encoder in one call (what `textcl eval` and the trainer run),
+and the text tables `textcl eval` prints.
+
+Results are plain dicts of floats, shaped as ARCHITECTURE.md's "Eval output" contract. Similarity is the
+cosine: embeddings are L2-normalized, and retrieval is exact inner-product search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from textcl.errors import TextclError
+from textcl.evaluation.retrieval import evaluate_retrieval
+from textcl.evaluation.retrieval_metrics import METRIC_NAMES
+from textcl.evaluation.sts import STS_COLUMNS, evaluate_sts
+from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+
+
+def evaluate(
+    encoder: Encoder,
+    sts: str | Path | Sequence[str | Path] | None = None,
+    beir: str | Path | None = None,
+    split: str = "test",
+    sts_columns: Sequence[str] = STS_COLUMNS,
+    *,
+    batch_size: int = ENCODE_BATCH_SIZE,
+    precision: str = "fp32",
+    **retrieval_options: Any,
+) -> dict[str, dict[str, Any]]:
+    """{"sts": evaluate_sts(...), "retrieval": evaluate_retrieval(...)}, each key present when asked for;
+    `retrieval_options` go to `evaluate_retrieval`."""
+    if not sts and not beir:
+        raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
+    results = {}
+    if sts:
+        results["sts"] = evaluate_sts(encoder, sts, sts_columns, batch_size=batch_size, precision=precision)
+    if beir:
+        results["retrieval"] = evaluate_retrieval(
+            encoder, beir, split, batch_size=batch_size, precision=precision, **retrieval_options
+        )
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """The results of `evaluate` as aligned text tables."""
+    lines = []
+    if "sts" in results:
+        sts = results["sts"]
+        lines.append(f"{'STS file':40s} {'spearman':>9s} {'pearson':>9s} {'pairs':>7s}")
+        for name, figures in sts["files"].items():
+            lines.append(f"{name[-40:]:40s} {figures['spearman']:9.4f} {figures['pearson']:9.4f} {figures['n']:7d}")
+        if len(sts["files"]) > 1:
+            lines.append(f"{'mean':40s} {sts['spearman']:9.4f} {sts['pearson']:9.4f} {sts['n']:7d}")
+    if "retrieval" in results:
+        figures = results["retrieval"]
+        if lines:
+            lines.append("")
+        lines.append(
+            f"retrieval: {figures['n_queries']} queries ({figures['n_skipped_queries']} skipped: no relevant "
+            f"document), {figures['n_docs']} documents"
+        )
+        k_values = sorted(int(name.split("@")[1]) for name in figures if name.startswith("ndcg@"))
+        lines.append(f"{'k':>5s} " + " ".join(f"{name:>9s}" for name in METRIC_NAMES))
+        for k in k_values:
+            lines.append(f"{k:5d} " + " ".join(f"{figures[f'{name}@{k}']:9.4f}" for name in METRIC_NAMES))
+    return "\n".join(lines)

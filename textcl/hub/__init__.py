@@ -1,0 +1,1 @@
+"""The Hugging Face Hub side of a model: its model card (with citations of the methods used) and pushing."""

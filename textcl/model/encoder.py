@@ -1,0 +1,274 @@
+"""The Encoder: a `transformers` model + pooling (+ Dense) (+ L2 normalize) that turns text into vectors.
+
+`Encoder.forward` maps a tokenized batch to embeddings `[batch, dim]` (the training path);
+`Encoder.encode` maps a list of strings to a numpy array `[n, dim]` (the inference path), sorting by
+token length so each batch pads as little as possible, then restoring the input order.
+`Encoder.load` and `Encoder.save` read and write the sentence-transformers folder format
+(`textcl.model.st_folder`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from tqdm.auto import tqdm
+
+from textcl.errors import TextclError
+from textcl.model.device import resolve_device
+from textcl.model.location import resolve_model_dir
+from textcl.model.lora import is_adapter_folder, load_adapter_model
+from textcl.model.pooling import check_pooling_mode, pool
+from textcl.model.precision import autocast
+from textcl.model.st_folder import read_st_folder, write_st_folder
+
+logger = logging.getLogger(__name__)
+
+ENCODE_BATCH_SIZE = 32  # texts per forward in `encode` and everything built on it (sentence-transformers' default)
+DENSE_ACTIVATIONS = {"tanh": nn.Tanh, "identity": nn.Identity}
+
+
+class Encoder(nn.Module):
+    """Text encoder: `model` -> pooling -> optional Dense -> optional MLP head (training only) -> optional normalize.
+
+    Args:
+        model: any `transformers` model whose output has `last_hidden_state` `[batch, seq, hidden]`.
+        tokenizer: the matching tokenizer.
+        pooling: one of `textcl.pooling.POOLING_MODES`.
+        normalize: L2-normalize the output embeddings.
+        max_seq_length: texts are truncated to this many tokens.
+        prompts: named prefixes such as `{"query": "query: ", "document": "passage: "}`, saved with the model.
+        dense: optional projection `[hidden] -> [dim]` exported with the model (sentence-transformers' Dense).
+        dense_activation: "tanh" (sentence-transformers' default) or "identity".
+        mlp_head: add SimCSE's Linear+Tanh head, applied only while training and never exported.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        pooling: str = "mean",
+        normalize: bool = False,
+        max_seq_length: int = 256,
+        prompts: dict[str, str] | None = None,
+        dense: nn.Linear | None = None,
+        dense_activation: str = "tanh",
+        mlp_head: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = check_pooling_mode(pooling)
+        self.normalize = normalize
+        self.max_seq_length = max_seq_length
+        self.prompts = dict(prompts or {})
+        self.dense = dense
+        self.dense_activation = dense_activation
+        self.activation = DENSE_ACTIVATIONS[dense_activation]()
+        hidden = self.hidden_size
+        self.mlp_head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if mlp_head else None
+        if self.mlp_head is not None:
+            self.mlp_head = self.mlp_head.to(self.device)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the pooled vector before the Dense layer."""
+        return self.model.config.hidden_size
+
+    @property
+    def dim(self) -> int:
+        """Width of the output embeddings."""
+        return self.dense.out_features if self.dense is not None else self.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def load(
+        cls,
+        model_name_or_path: str | Path,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_seq_length: int | None = None,
+        prompts: dict[str, str] | None = None,
+        mlp_head: bool = False,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> Encoder:
+        """Load a folder saved by textcl or sentence-transformers, a plain `transformers` folder, or a Hub id.
+
+        Explicit arguments replace what the folder says. A plain `transformers` folder (no modules.json) gets
+        mean pooling, with a warning unless `pooling` is given; a LoRA adapter folder (`adapter_config.json`)
+        loads its base model with the adapter applied. `device` defaults to the GPU when torch sees one.
+        """
+        device = resolve_device(device)
+        root = resolve_model_dir(model_name_or_path, revision)
+        if (root / "modules.json").exists():
+            spec = read_st_folder(root)
+        elif (root / "config.json").exists() or is_adapter_folder(root):
+            spec = {"transformer_dir": root, "normalize": False}
+            if pooling is None:
+                logger.warning("%s is a plain transformers model; using mean pooling (pass pooling= to choose)", root)
+        else:
+            raise TextclError(
+                f"folder {str(root)!r} holds no model (no modules.json or config.json); "
+                "pass a folder saved by textcl, sentence-transformers or transformers"
+            )
+        transformer_dir = spec.pop("transformer_dir")
+        try:
+            if is_adapter_folder(transformer_dir):
+                model = load_adapter_model(transformer_dir, trust_remote_code)
+            else:
+                model = transformers.AutoModel.from_pretrained(transformer_dir, trust_remote_code=trust_remote_code)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(transformer_dir, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise TextclError(f"could not load the transformers model in {str(transformer_dir)!r}: {reason}") from error
+        if "max_seq_length" not in spec:
+            spec["max_seq_length"] = default_max_length(model, tokenizer)
+        overrides = {"pooling": pooling, "normalize": normalize, "max_seq_length": max_seq_length, "prompts": prompts}
+        spec.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(model, tokenizer, mlp_head=mlp_head, **spec).to(device)
+
+    def save(self, path: str | Path, model_card: Callable[[Encoder, Path], None] | None = None) -> None:
+        """Write the model as a sentence-transformers folder (`textcl.model.st_folder`); `model_card(encoder,
+        folder)` then writes its README.md (e.g. `textcl.hub.write_model_card`)."""
+        write_st_folder(self, path)
+        if model_card is not None:
+            model_card(self, Path(path))
+
+    def add_dense(self, out_features: int, activation: str = "tanh") -> None:
+        """Append a fresh Dense projection `[hidden] -> [out_features]` (exported with the model)."""
+        self.dense = nn.Linear(self.hidden_size, out_features).to(self.device)
+        self.dense_activation = activation
+        self.activation = DENSE_ACTIVATIONS[activation]()
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize with padding to the longest text and truncation to `max_length` (default max_seq_length)."""
+        return dict(
+            self.tokenizer(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=max_length or self.max_seq_length,
+                return_tensors="pt",
+            )
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """The training entry point; see `embed`. `accelerate` wraps this method for mixed precision, and
+        `encode` calls `embed` directly so that wrapper never leaks into inference (which stays in the
+        weights' own precision)."""
+        return self.embed(input_ids, attention_mask, **inputs)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """Tokenized batch `[batch, seq]` -> embeddings `[batch, dim]` (MLP head included while training)."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        embeddings = pool(hidden, attention_mask, self.pooling)
+        if self.dense is not None:
+            embeddings = self.activation(self.dense(embeddings))
+        if self.mlp_head is not None and self.training:
+            embeddings = self.mlp_head(embeddings)
+        if self.normalize:
+            embeddings = F.normalize(embeddings, p=2, dim=-1)
+        return embeddings
+
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str:
+        """The prefix to prepend: an explicit `prompt` string, or the saved prompt called `prompt_name`."""
+        if prompt is not None:
+            return prompt
+        if prompt_name is None:
+            return ""
+        if prompt_name not in self.prompts:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise TextclError(f"unknown prompt_name {prompt_name!r}; this model's prompts: {known}")
+        return self.prompts[prompt_name]
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = ENCODE_BATCH_SIZE,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        normalize: bool | None = None,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool = False,
+        convert_to_tensor: bool = False,
+        max_seq_length: int | None = None,
+        precision: str = "fp32",
+    ) -> np.ndarray | torch.Tensor:
+        """Embed `texts` -> `[n, dim]` float32 (numpy, or torch with `convert_to_tensor`); a single str gives `[dim]`.
+
+        `normalize` defaults to the model's setting and is applied after `truncate_dim`, so truncated
+        Matryoshka vectors are unit length again. `max_seq_length` overrides the model's truncation length
+        (e.g. shorter queries than documents). Texts are tokenized once, sorted by token length, and
+        padded per batch to that batch's longest text; the output keeps the input order. `precision` "bf16"
+        runs the forwards under bf16 autocast (`textcl.model.precision`); the output stays float32.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        prefix = self.resolve_prompt(prompt, prompt_name)
+        if prefix:
+            texts = [prefix + text for text in texts]
+        dim = truncate_dim or self.dim
+        out = torch.empty(len(texts), dim, dtype=torch.float32)
+        if texts:
+            max_length = max_seq_length or self.max_seq_length
+            encoded = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
+            lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+            order = np.argsort(-lengths, kind="stable")
+            was_training = self.training
+            self.eval()
+            starts = range(0, len(texts), batch_size)
+            with torch.inference_mode(), autocast(self.device, precision):
+                for start in tqdm(starts, desc="encode", disable=not show_progress_bar):
+                    index = order[start : start + batch_size]
+                    batch = pad_batch(encoded, index, self.tokenizer, self.device)
+                    embeddings = self.embed(**batch)[:, :dim].float()
+                    out[torch.from_numpy(index)] = embeddings.cpu()
+            self.train(was_training)
+        if normalize if normalize is not None else self.normalize:
+            out = F.normalize(out, p=2, dim=-1)
+        out = out[0] if single else out
+        return out if convert_to_tensor else out.numpy()
+
+
+def pad_batch(encoded: Any, index: np.ndarray, tokenizer: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Gather rows `index` of pre-tokenized lists and pad them into `[len(index), longest]` tensors.
+
+    Written by hand because `tokenizer.pad` re-validates every row in Python, which cost more than
+    the padding itself in profiles of short-sentence encoding.
+    """
+    rows = [encoded["input_ids"][i] for i in index]
+    longest = max(len(row) for row in rows)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
+    batch = {}
+    for key, pad_value in pad_values.items():
+        if key not in encoded:
+            continue
+        array = np.full((len(index), longest), pad_value, dtype=np.int64)
+        for row, i in enumerate(index):
+            values = encoded[key][i]
+            if left:
+                array[row, longest - len(values) :] = values
+            else:
+                array[row, : len(values)] = values
+        batch[key] = torch.from_numpy(array).to(device)
+    return batch
+
+
+def default_max_length(model: nn.Module, tokenizer: Any) -> int:
+    """The tokenizer's model_max_length when it is real, else the model's position limit (at most 512)."""
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
+        return int(tokenizer.model_max_length)
+    return min(512, getattr(model.config, "max_position_embeddings", 512))

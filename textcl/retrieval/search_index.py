@@ -1,0 +1,218 @@
+"""Semantic search: a FAISS index over a model's embeddings, with the ids and texts it returns.
+
+Folder layout (ARCHITECTURE.md, "Search index folder"): `index.faiss`, `ids.jsonl` (one {"id", "text"} a line,
+in index order) and `meta.json` (model path, dimension, metric, index factory, normalize, prompts, max
+length, search parameters). Scores are inner products; with normalize (the default) they are cosines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import faiss
+import numpy as np
+import torch
+
+from textcl.errors import TextclError
+from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus
+from textcl.retrieval.faiss_index import build_faiss_index, set_search_params
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILES = ("index.faiss", "ids.jsonl", "meta.json")
+
+
+class Hits(NamedTuple):
+    """Search results, best first: `ids` and `texts` are object arrays `[n_queries, k]` (None where an
+    approximate index found fewer than k), `scores` float32 `[n_queries, k]`."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    texts: np.ndarray
+
+
+def check_ids(ids: list[str], texts: list[str], existing: Sequence[str] = ()) -> None:
+    """One id per text, none repeated and none already in `existing`."""
+    if len(ids) != len(texts):
+        raise TextclError(f"got {len(ids)} ids for {len(texts)} texts")
+    seen = set(existing)
+    for key in ids:
+        if key in seen:
+            raise TextclError(f"doc id {key!r} appears twice; ids must be unique")
+        seen.add(key)
+
+
+def with_sentinel(values: Sequence[str | None]) -> np.ndarray:
+    """An object array of `values` plus a trailing None: faiss's row -1 ("no result") then reads as None."""
+    return np.array([*values, None], dtype=object)
+
+
+@dataclass
+class SearchIndex:
+    """A FAISS index, the id and text of each vector, the settings to encode queries, and the encoder."""
+
+    index: faiss.Index
+    meta: dict[str, Any]
+    encoder: Encoder | None = field(default=None, repr=False)
+    id_lookup: np.ndarray = field(default_factory=lambda: with_sentinel([]), repr=False)
+    text_lookup: np.ndarray = field(default_factory=lambda: with_sentinel([]), repr=False)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Doc id of each indexed vector, in index order (object array `[n]`)."""
+        return self.id_lookup[:-1]
+
+    @property
+    def texts(self) -> np.ndarray:
+        """Text of each indexed vector, in index order (object array `[n]`)."""
+        return self.text_lookup[:-1]
+
+    @classmethod
+    def build(
+        cls,
+        encoder: Encoder,
+        texts: Sequence[str],
+        ids: Sequence[str] | None = None,
+        factory: str = "Flat",
+        *,
+        model_path: str | Path | None = None,
+        query_prompt_name: str | None = None,
+        document_prompt_name: str | None = None,
+        max_seq_length: int | None = None,
+        query_max_length: int | None = None,
+        normalize: bool = True,
+        search_params: str = "",
+        batch_size: int = ENCODE_BATCH_SIZE,
+        precision: str = "fp32",
+        cache_dir: str | Path | None = None,
+        show_progress_bar: bool = False,
+    ) -> SearchIndex:
+        """Encode `texts` (ids default to "0", "1", ...) and index them with `faiss.index_factory(factory)`.
+
+        `model_path` is written to meta.json so `load` can rebuild the encoder (default: the path the
+        transformers model was loaded from). Prompts default to the model's "query"/"document" prompts;
+        `max_seq_length` truncates documents, `query_max_length` (default: the same) queries.
+        """
+        texts = list(texts)
+        if not texts:
+            raise TextclError("cannot build a search index from an empty corpus")
+        meta = {
+            "model": str(model_path or encoder.model.name_or_path),
+            "dim": encoder.dim,
+            "metric": "cosine" if normalize else "dot",
+            "factory": factory,
+            "normalize": normalize,
+            "query_prompt_name": default_prompt_name(encoder, query_prompt_name, "query"),
+            "document_prompt_name": default_prompt_name(encoder, document_prompt_name, "document"),
+            "max_seq_length": max_seq_length or encoder.max_seq_length,
+            "query_max_length": query_max_length or max_seq_length or encoder.max_seq_length,
+            "search_params": search_params,
+            "precision": precision,
+        }
+        ids = [str(i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
+        check_ids(ids, texts)
+        embeddings = cls.encode_docs(encoder, meta, texts, batch_size, cache_dir, show_progress_bar)
+        index = build_faiss_index([embeddings], factory)
+        set_search_params(index, search_params)
+        self = cls(index, meta, encoder)
+        self.append(ids, texts)
+        return self
+
+    @staticmethod
+    def encode_docs(
+        encoder: Encoder, meta: dict[str, Any], texts: list[str], batch_size: int, cache_dir: Any, progress: bool
+    ) -> np.ndarray:
+        return encode_corpus(
+            encoder, texts, batch_size=batch_size, prompt_name=meta["document_prompt_name"],
+            max_seq_length=meta["max_seq_length"], normalize=meta["normalize"], precision=meta["precision"],
+            cache_dir=cache_dir,
+            show_progress_bar=progress,
+        )
+
+    def append(self, ids: list[str], texts: list[str]) -> None:
+        """Record the ids and texts of vectors added to the index, in order."""
+        self.id_lookup = with_sentinel([*self.ids, *ids])
+        self.text_lookup = with_sentinel([*self.texts, *texts])
+
+    def add(self, texts: Sequence[str], ids: Sequence[str] | None = None, batch_size: int = ENCODE_BATCH_SIZE) -> None:
+        """Encode and append more documents (ids default to continuing "0", "1", ...)."""
+        texts = list(texts)
+        start = len(self.ids)
+        ids = [str(start + i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
+        check_ids(ids, texts, self.ids.tolist())
+        embeddings = self.encode_docs(self.require_encoder(), self.meta, texts, batch_size, None, False)
+        self.append(ids, texts)
+        self.index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+
+    def save(self, path: str | Path) -> None:
+        """Write the folder layout of the module docstring."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(root / "index.faiss"))
+        with (root / "ids.jsonl").open("w", encoding="utf-8") as handle:
+            for key, text in zip(self.ids, self.texts):
+                handle.write(json.dumps({"id": key, "text": text}, ensure_ascii=False) + "\n")
+        (root / "meta.json").write_text(json.dumps(self.meta | {"count": len(self.ids)}, indent=2) + "\n")
+
+    @classmethod
+    def load(
+        cls, path: str | Path, encoder: Encoder | None = None, device: str | torch.device | None = None
+    ) -> SearchIndex:
+        """Read a saved index; the encoder defaults to the model named in meta.json, loaded onto `device` (default:
+        the GPU when torch sees one), and must have the index's dimension."""
+        root = Path(path)
+        missing = [name for name in INDEX_FILES if not (root / name).is_file()]
+        if missing:
+            raise TextclError(f"{str(root)!r} is not a search index folder (missing {', '.join(missing)})")
+        meta = json.loads((root / "meta.json").read_text())
+        meta.pop("count", None)
+        if "doc_prompt_name" in meta:  # folders written before textcl named the document side one way
+            meta["document_prompt_name"] = meta.pop("doc_prompt_name")
+        meta.setdefault("precision", "fp32")
+        index = faiss.read_index(str(root / "index.faiss"))
+        with (root / "ids.jsonl").open(encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        if len(records) != index.ntotal:
+            raise TextclError(f"{root}: ids.jsonl has {len(records)} rows but the index holds {index.ntotal} vectors")
+        encoder = encoder or Encoder.load(meta["model"], max_seq_length=meta["max_seq_length"], device=device)
+        if encoder.dim != meta["dim"] or index.d != meta["dim"]:
+            raise TextclError(
+                f"the index in {str(root)!r} holds {index.d}-dimensional vectors but the model gives {encoder.dim}; "
+                f"search with the model it was built with ({meta['model']})"
+            )
+        set_search_params(index, meta.get("search_params", ""))
+        self = cls(index, meta, encoder)
+        self.append([str(r["id"]) for r in records], [r["text"] for r in records])
+        return self
+
+    def require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise TextclError("this SearchIndex has no encoder; pass one to SearchIndex.load")
+        return self.encoder
+
+    def search(self, queries: str | Sequence[str], k: int = 10, batch_size: int = ENCODE_BATCH_SIZE) -> Hits:
+        """Encode `queries` (with the index's query prompt) and return their top `k` documents."""
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        vectors = self.require_encoder().encode(
+            queries, batch_size=batch_size, prompt_name=self.meta["query_prompt_name"],
+            normalize=self.meta["normalize"], max_seq_length=self.meta["query_max_length"],
+            precision=self.meta["precision"],
+        )
+        return self.search_vectors(vectors, k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> Hits:
+        """Top `k` documents for query embeddings `[n_queries, dim]`; k larger than the index is clamped."""
+        size = len(self.ids)
+        if not 1 <= k <= size:
+            if k < 1:
+                raise TextclError(f"k must be at least 1, got {k}")
+            logger.warning("k=%d is larger than the index (%d documents); returning %d", k, size, size)
+            k = size
+        scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return Hits(self.id_lookup[rows], scores, self.text_lookup[rows])

@@ -1,0 +1,1 @@
+"""Training: the accelerate loop, its setup, one step (plain or GradCache), checkpoints and statistics."""
