@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from textcl.errors import TextclError
+from textcl.model.precision import bf16_setting
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,12 @@ class TrainingArguments:
                              "(use gradcache_chunk_size for that)."}
     )
     seed: int = 42
-    bf16: bool = False
+    bf16: str = field(
+        default="false",
+        metadata={"help": "bf16 mixed precision: auto (bf16 only where it is native: CUDA GPUs with bf16, CPUs "
+                  "with AMX or AVX-512-BF16; fp32 elsewhere), true, or false. On CPUs without native bf16 it is "
+                  "many times slower than fp32.", "nargs": "?", "const": "true"},
+    )
     fp16: bool = False
     use_cpu: bool = False
     forward_chunk_size: int | None = field(
@@ -213,13 +219,14 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
         flag = next((item for item in remaining if item.startswith("--")), remaining[0])
         raise TextclError(f"unknown option {flag!r}{closest(flag.lstrip('-'))}")
     config = TrainConfig(*parts)
+    config.training.bf16 = bf16_setting(config.training.bf16)
     values = config.to_dict()
     missing = [key for key in REQUIRED if not values[key]]
     if missing:
         raise TextclError(f"missing required setting {missing[0]!r}: add it to the recipe or pass --{missing[0]}")
     if config.training.metric_for_best_model and not (config.data.eval_sts or config.data.eval_beir):
         raise TextclError("metric_for_best_model needs eval_sts or eval_beir to evaluate on")
-    if config.training.bf16 and config.training.fp16:
+    if config.training.bf16 == "true" and config.training.fp16:
         raise TextclError("bf16 and fp16 are both set; choose one")
     if config.model.lora_merge and not config.model.lora:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")

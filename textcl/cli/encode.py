@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from textcl.cli.options import add_device_option, defaults_of
+from textcl.cli.options import add_bf16_option, add_device_option, defaults_of, precision_of
 from textcl.io.corpus import read_corpus
 from textcl.model.encoder import Encoder
 
@@ -24,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate_dim", type=int, default=defaults["truncate_dim"], help="keep the first N dimensions")
     parser.add_argument("--max_seq_length", type=int, default=None)
     parser.add_argument("--pooling", default=None, help="override the model's pooling mode")
-    parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+    add_bf16_option(parser)
     add_device_option(parser)
 
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
         normalize=args.normalize or None,
         truncate_dim=args.truncate_dim,
         show_progress_bar=True,
-        precision="bf16" if args.bf16 else "fp32",
+        precision=precision_of(args),
     )
     np.save(args.output, embeddings)
     print(f"wrote {args.output}: {embeddings.shape[0]} x {embeddings.shape[1]} float32")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from textcl.model.precision import BF16_SETTINGS, resolve_precision
 from textcl.retrieval.corpus_embeddings import default_cache_dir
 
 
@@ -40,8 +42,7 @@ def add_encoding_options(
     parser.add_argument("--document_prompt_name", "--doc_prompt_name", default=defaults["document_prompt_name"],
                         help="default: the model's 'document' prompt, if any (--doc_prompt_name: the old name)")
     parser.add_argument("--batch_size", type=int, default=defaults["batch_size"])
-    parser.add_argument("--bf16", action="store_true",
-                        help="encode under bf16 autocast: about 2x faster on AMX CPUs and GPUs, scores move slightly")
+    add_bf16_option(parser)
     add_device_option(parser)
     if cache_by_default:
         parser.add_argument("--cache_dir", default=None, help="embedding cache (default: ~/.cache/textcl/embeddings)")
@@ -52,8 +53,18 @@ def add_encoding_options(
     parser.set_defaults(cache_by_default=cache_by_default, no_cache=False)
 
 
+def add_bf16_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bf16", nargs="?", const="true", default="false", choices=BF16_SETTINGS,
+                        help="encode under bf16 autocast: about 2x faster on GPUs and AMX CPUs, many times slower on "
+                        "CPUs without native bf16; 'auto' uses it only where native; scores move slightly")
+
+
 def precision_of(args: argparse.Namespace) -> str:
-    return "bf16" if args.bf16 else "fp32"
+    """"bf16" or "fp32" for `--bf16` on the command's device; says which on stderr when `auto` chose."""
+    precision, why = resolve_precision(args.bf16, args.device)
+    if args.bf16 == "auto":
+        print(f"textcl: encoding in {precision} ({why})", file=sys.stderr)
+    return precision
 
 
 def cache_dir_of(args: argparse.Namespace) -> str | None:

@@ -81,7 +81,7 @@ def demo_config(model: str, train_file: Path, output_dir: str) -> TrainConfig:
         "train_data": str(train_file), "positive_column": None, "label_column": "source",
         "temperature": 0.1, "output_dir": output_dir, "overwrite_output_dir": True,
         "per_device_train_batch_size": 32, "num_train_epochs": 2, "learning_rate": 5e-5,
-        "warmup_ratio": 0.1, "logging_steps": 5,
+        "warmup_ratio": 0.1, "logging_steps": 5, "bf16": "auto",
     })
 
 

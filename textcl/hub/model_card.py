@@ -37,6 +37,7 @@ class TrainingRun:
     metrics: dict[str, Any]  # evaluation of the saved model, as textcl.evaluation.evaluate returns it
     steps: int  # optimizer steps taken
     num_processes: int
+    precision: str = "fp32"  # what the run computed in: fp32, bf16 or fp16
     train_rows: int | None = None  # None for streamed data
     best_step: int | None = None  # the kept model's step when metric_for_best_model chose it
     dropout_positives: bool = False  # some rows were their own positive (two dropout masks)
@@ -197,14 +198,13 @@ def describe_training(run: TrainingRun, lora: dict[str, Any] | None) -> str:
     if c.loss.queue_size > 0:
         loss.append(f"plus a queue of {c.loss.queue_size} keys from a momentum encoder ({c.loss.momentum})")
     warmup = c.training.warmup_steps or math.ceil(c.training.warmup_ratio * run.steps)
-    precision = "bf16" if c.training.bf16 else "fp16" if c.training.fp16 else "fp32"
     hyper = [
         ("Learning rate", f"{c.training.learning_rate:g} ({c.training.lr_scheduler_type}, {warmup} warmup steps)"),
         ("Batch size", f"{c.training.per_device_train_batch_size} per process x {run.num_processes} = {global_batch}"),
         ("Optimizer steps", f"{run.steps}" + (f" (gradient accumulation {c.training.gradient_accumulation_steps})"
                                               if c.training.gradient_accumulation_steps > 1 else "")),
         ("Weight decay / max grad norm", f"{c.training.weight_decay:g} / {c.training.max_grad_norm:g}"),
-        ("Precision", precision),
+        ("Precision", run.precision),
         ("Seed", str(c.training.seed)),
     ]
     if c.loss.gradcache_chunk_size:

@@ -27,7 +27,9 @@ from textcl.data.loader import build_training_data
 from textcl.errors import TextclError
 from textcl.hub.model_card import TrainingRun, write_model_card
 from textcl.hub.push import push_to_hub, require_token
+from textcl.model.device import default_device
 from textcl.model.lora import merged
+from textcl.model.precision import resolve_precision
 from textcl.training.checkpoint import (
     TrainingPosition,
     prepare_output_dir,
@@ -67,14 +69,19 @@ class Trainer:
         if args.push_to_hub:
             require_token()  # a missing token stops the run before training, not after it
         self.output_dir = Path(args.output_dir)
-        mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+        use_cpu = args.use_cpu or not torch.cuda.is_available()
+        self.precision, why = resolve_precision(args.bf16, torch.device("cpu") if use_cpu else default_device())
+        if args.fp16:
+            self.precision, why = "fp16", "fp16: true"
         self.accelerator = Accelerator(
-            cpu=args.use_cpu or not torch.cuda.is_available(),
-            mixed_precision=mixed,
+            cpu=use_cpu,
+            mixed_precision=None if self.precision == "fp32" else self.precision,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=args.report_to or None,
             project_dir=str(self.output_dir),
         )
+        if self.accelerator.is_main_process:
+            print(f"textcl: training in {self.precision} ({why})")
         set_seed(args.seed, device_specific=True)
         resuming = bool(args.resume_from_checkpoint)
         if self.accelerator.is_main_process:
@@ -265,6 +272,7 @@ class Trainer:
         run = TrainingRun(
             config=self.config, metrics=evaluation, steps=self.position.step,
             num_processes=self.accelerator.num_processes, train_rows=self.data.rows, best_step=best_step,
+            precision=self.precision,
             dropout_positives=self.data.dropout_positives, hard_negatives=self.data.num_negatives > 0,
         )
         model_id = self.config.training.hub_model_id or self.output_dir.resolve().name
