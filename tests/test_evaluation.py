@@ -16,7 +16,7 @@ from scifact_fixtures import minilm, scifact, tiny_beir  # noqa: F401
 from scipy.stats import pearsonr, spearmanr
 
 from textcl import Encoder
-from textcl import corpus as corpus_module
+from textcl.retrieval import exact_search as exact_search_module
 from textcl.errors import TextclError
 from textcl.evaluation.geometry import alignment_uniformity
 from textcl.evaluation.retrieval import evaluate_retrieval
@@ -194,7 +194,7 @@ def test_exact_search_over_blocks_and_parts_equals_numpy(monkeypatch) -> None:
     rng = np.random.default_rng(0)
     corpus = rng.standard_normal((300, 16)).astype(np.float32)
     queries = rng.standard_normal((7, 16)).astype(np.float32)
-    monkeypatch.setattr(corpus_module, "SEARCH_BLOCK_BYTES", 40 * 16 * 4)
+    monkeypatch.setattr(exact_search_module, "SEARCH_BLOCK_BYTES", 40 * 16 * 4)
     scores, indices = exact_search(queries, [corpus[:130], corpus[130:]], 25)
     full = queries @ corpus.T
     assert np.array_equal(indices, np.argsort(-full, axis=1)[:, :25])
