@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from textcl.config import load_config
+from textcl.config import bf16_setting, load_config
 from textcl.errors import TextclError
 from textcl.model import precision
-from textcl.model.precision import bf16_setting, resolve_precision
+from textcl.model.precision import resolve_precision
 
 CPU = torch.device("cpu")
 

@@ -18,7 +18,6 @@ import yaml
 from transformers import HfArgumentParser
 
 from textcl.errors import TextclError
-from textcl.model.precision import bf16_setting
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +230,16 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
     if config.model.lora_merge and not config.model.lora:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
     return config
+
+
+def bf16_setting(value: object) -> str:
+    """A `bf16` setting (bool, None or text such as "yes") as "auto", "true" or "false"."""
+    text = str(value).strip().lower() if value is not None else "false"
+    if text == "auto":
+        return text
+    if text in ("true", "yes", "1", "on") or text in ("false", "no", "0", "off", "none", ""):
+        return "true" if text in ("true", "yes", "1", "on") else "false"
+    raise TextclError(f"bf16 must be auto, true or false; got {value!r}")
 
 
 def renamed(key: str) -> str:

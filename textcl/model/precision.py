@@ -19,7 +19,6 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 BF16_SETTINGS = ("auto", "true", "false")
-TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off", "none", ""}
 warned: set[str] = set()
 
 
@@ -34,16 +33,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if check_precision(precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def bf16_setting(value: object) -> str:
-    """A `bf16` setting (bool, None or text) as "auto", "true" or "false"."""
-    text = str(value).strip().lower() if value is not None else "false"
-    if text == "auto":
-        return text
-    if text in TRUE or text in FALSE:
-        return "true" if text in TRUE else "false"
-    raise TextclError(f"bf16 must be auto, true or false; got {value!r}")
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
@@ -62,10 +51,13 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     return False, f"{device.type} devices are not checked for bf16"
 
 
-def resolve_precision(bf16: object, device: torch.device) -> tuple[str, str]:
-    """("bf16" or "fp32", why) for the setting `bf16` on `device`. "auto" picks bf16 only where it is native;
-    "true" on a device without native bf16 is honoured, with one warning per device type that it is slow."""
-    setting = bf16_setting(bf16)
+def resolve_precision(bf16: str | bool, device: torch.device) -> tuple[str, str]:
+    """("bf16" or "fp32", why) for the setting `bf16` ("auto", "true", "false" or a bool) on `device`. "auto"
+    picks bf16 only where it is native; "true" on a device without native bf16 is honoured, with one warning
+    per device type that it is slow."""
+    setting = str(bf16).lower()
+    if setting not in BF16_SETTINGS:
+        raise TextclError(f"bf16 must be auto, true or false; got {bf16!r}")
     native, why = native_bf16(device)
     if setting == "auto":
         return ("bf16" if native else "fp32"), f"bf16: auto; {why}"
