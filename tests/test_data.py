@@ -59,7 +59,8 @@ def test_blank_negatives_are_skipped_and_sources_concatenate(tmp_path: Path) -> 
 def test_jsonl_and_parquet_with_mapped_columns_and_labels(tmp_path: Path) -> None:
     records = [{"q": "a", "d": "b", "y": 1}, {"q": "c", "d": "", "y": 0}]
     (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    rows = rows_of(train_data=str(tmp_path / "x.jsonl"), anchor_column="q", positive_column="d", label_column="y")
+    rows = rows_of(train_data=str(tmp_path / "x.jsonl"), anchor_column="q", positive_column="d", label_column="y",
+                   missing_positive="drop")
     assert [(r["anchor"], r["positive"], r["label"]) for r in rows] == [("a", "b", 1)]  # empty positive dropped
     import pandas as pd
 

@@ -76,6 +76,11 @@ class DataArguments:
     max_train_samples: int | None = None
     streaming: bool = field(default=False, metadata={"help": "Stream the data (needs max_steps)."})
     group_by_length: bool = False
+    missing_positive: str = field(
+        default="error",
+        metadata={"help": "Rows whose positive is empty or null: error (names the rows), drop (counted and "
+                  "reported), or dropout (such a row is its own positive through two dropout masks)."},
+    )
     batch_per_source: bool = field(
         default=False, metadata={"help": "Draw every batch from one train_data source (negatives from the same "
                                  "task), sources in proportion to their size."}
@@ -119,6 +124,10 @@ class TrainingArguments:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Stop the run (exit code 2, no model saved) after this many optimizer steps in "
+                             "a row with a NaN or infinite loss or gradient; each such step is skipped."}
+    )
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Averages gradients of several batches; does NOT enlarge the negative pool "
                              "(use gradcache_chunk_size for that)."}
@@ -182,6 +191,7 @@ FIELDS = [f.name for part in PARTS for f in dataclasses.fields(part)]
 REQUIRED = ("model_name_or_path", "train_data", "output_dir")
 # Old names users may have written in recipes or on the command line -> the current name.
 DEPRECATED_KEYS = {"passage_max_length": "document_max_length"}
+MISSING_POSITIVE = ("error", "drop", "dropout")
 LIST_FIELDS = {f.name for part in PARTS for f in dataclasses.fields(part) if str(f.type).startswith("list")}
 
 
@@ -227,6 +237,10 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
         raise TextclError("metric_for_best_model needs eval_sts or eval_beir to evaluate on")
     if config.training.bf16 == "true" and config.training.fp16:
         raise TextclError("bf16 and fp16 are both set; choose one")
+    if config.data.missing_positive not in MISSING_POSITIVE:
+        raise TextclError(f"missing_positive {config.data.missing_positive!r}: use one of {', '.join(MISSING_POSITIVE)}")
+    if config.training.max_nonfinite_steps < 1:
+        raise TextclError("max_nonfinite_steps must be at least 1 (1 stops at the first non-finite step)")
     if config.model.lora_merge and not config.model.lora:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
     return config

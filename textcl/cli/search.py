@@ -8,9 +8,11 @@ from pathlib import Path
 
 from textcl.cli.options import add_device_option, add_encoding_options, cache_dir_of, defaults_of, precision_of
 from textcl.errors import TextclError
+from textcl.io.atomic import exclusive_lock
 from textcl.io.corpus import read_corpus
 from textcl.model.encoder import Encoder
 from textcl.retrieval.faiss_index import set_search_params
+from textcl.retrieval.index_folder import check_index_target
 from textcl.retrieval.search_index import SearchIndex
 
 
@@ -20,6 +22,8 @@ def configure_index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True,
                         help="text file (one document a line), table with 'text' (and 'id'), or BEIR folder")
     parser.add_argument("--out", required=True, help="index folder to write")
+    parser.add_argument("--overwrite", action="store_true", default=defaults_of(SearchIndex.save)["overwrite"],
+                        help="replace the index already in --out")
     parser.add_argument("--factory", default=defaults["factory"],
                         help="faiss index_factory string, e.g. IVF1024,Flat or HNSW32")
     parser.add_argument("--search_params", default=defaults["search_params"],
@@ -28,16 +32,19 @@ def configure_index(parser: argparse.ArgumentParser) -> None:
 
 
 def run_index(args: argparse.Namespace) -> None:
-    ids, texts = read_corpus(args.corpus)
-    model = Path(args.model).resolve() if Path(args.model).exists() else args.model
-    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device)
-    index = SearchIndex.build(
-        encoder, texts, ids, args.factory, model_path=model, query_max_length=args.query_max_length,
-        query_prompt_name=args.query_prompt_name, document_prompt_name=args.document_prompt_name,
-        search_params=args.search_params, batch_size=args.batch_size, precision=precision_of(args),
-        cache_dir=cache_dir_of(args), show_progress_bar=True,
-    )
-    index.save(args.out)
+    out = Path(args.out)
+    check_index_target(out, args.overwrite)  # before the slow part
+    with exclusive_lock(out, what="the search index"):  # a second `textcl index` to --out is refused now
+        ids, texts = read_corpus(args.corpus)
+        model = Path(args.model).resolve() if Path(args.model).exists() else args.model
+        encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device)
+        index = SearchIndex.build(
+            encoder, texts, ids, args.factory, model_path=model, query_max_length=args.query_max_length,
+            query_prompt_name=args.query_prompt_name, document_prompt_name=args.document_prompt_name,
+            search_params=args.search_params, batch_size=args.batch_size, precision=precision_of(args),
+            cache_dir=cache_dir_of(args), show_progress_bar=True,
+        )
+        index.save(out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(ids)} documents, {encoder.dim} dimensions, {args.factory}")
 
 

@@ -6,6 +6,7 @@ given the tokenizer, the process count and this process's index).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,16 @@ class TrainingData:
         self.collator.epoch = epoch
 
 
+def warn_about_small_batches(sizes: list[int], batch_size: int) -> None:
+    """Say so when repeated texts leave batches at less than half their size: the no-duplicates sampler never
+    puts a text twice in a batch, so data that repeats a few texts makes small batches (one row: loss 0)."""
+    average = sum(sizes) / max(1, len(sizes))
+    if average < batch_size / 2:
+        print(f"textcl: warning: batches hold {average:.1f} rows on average instead of {batch_size}: the data "
+              "repeats the same texts, and a batch never holds a text twice (it would be its own negative); "
+              "deduplicate the data or lower per_device_train_batch_size", file=sys.stderr)
+
+
 def build_training_data(
     data: DataArguments,
     *,
@@ -60,7 +71,7 @@ def build_training_data(
         raise TextclError(f"unknown augmentation {sorted(unknown)[0]!r}; valid: {', '.join(AUGMENTATIONS)}")
     if data.batch_per_source and data.streaming:
         raise TextclError("batch_per_source needs map-style data: set streaming: false")
-    rows = load_rows(data)
+    rows = load_rows(data, report=process_index == 0)
     collator = ContrastiveCollator(
         tokenizer=tokenizer,
         query_max_length=data.query_max_length or max_seq_length,
@@ -81,12 +92,14 @@ def build_training_data(
         loader = DataLoader(batches, batch_size=None, collate_fn=collator, generator=generator)
         return TrainingData(loader, batches, collator, None, **summary)
     global_batch = batch_size * num_processes
-    if drop_last and global_batch > len(rows):
+    if global_batch > len(rows):
         raise TextclError(
             f"batch of {global_batch} rows ({batch_size} per device x {num_processes}) is larger than "
-            f"the {len(rows)} training rows with dataloader_drop_last: lower per_device_train_batch_size"
+            f"the {len(rows)} training rows: lower per_device_train_batch_size"
         )
     ids, lengths, sources = row_index(rows, data.group_by_length)
     sampler = NoDuplicatesBatchSampler(ids, batch_size, drop_last, seed, lengths, sources)
+    if process_index == 0:
+        warn_about_small_batches([len(batch) for batch in sampler.batches], batch_size)
     loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collator, generator=generator)
     return TrainingData(loader, sampler, collator, len(rows), **summary)

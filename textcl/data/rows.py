@@ -9,7 +9,9 @@ query is a positive). Rows stay in a `datasets.Dataset` (Arrow, memory-mapped) o
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,32 +62,120 @@ def column_plan(columns: list[str], args: DataArguments, source: str) -> dict[st
     return plan
 
 
-def to_rows(table: Any, args: DataArguments, source: str) -> Any:
-    """Map a raw table to rows; blank negatives are skipped (a row may have fewer), and rows with an empty
-    anchor or positive are dropped."""
-    columns = list(table.column_names or next(iter(table)).keys())
-    plan = column_plan(columns, args, source)
+BLANK_LINE = "a blank line"
 
-    def convert(batch: dict[str, list]) -> dict[str, list]:
-        size = len(batch[plan["anchor"]])
-        return {
-            "anchor": batch[plan["anchor"]],
-            "positive": batch[plan["positive"]] if plan["positive"] else [None] * size,
-            "negatives": [[n for n in values if present(n)] for values in zip(*(batch[c] for c in plan["negatives"]))]
-            or [[]] * size,
-            "label": batch[plan["label"]] if plan["label"] else [None] * size,
-        }
 
-    return table.map(convert, batched=True, remove_columns=columns).filter(complete, batched=True)
+def as_text(value: Any) -> str | None:
+    """A cell as text: strings as they are, numbers and booleans as they read in the file (`3`, `1.5`, `true`);
+    None for a missing value (None, NaN) and for anything that is not text (a list, a dict)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return None if isinstance(value, float) and math.isnan(value) else str(value)  # NaN: a missing cell
+    return None
 
 
 def present(text: Any) -> bool:
     return isinstance(text, str) and bool(text.strip())
 
 
-def complete(batch: dict[str, list]) -> list[bool]:
-    """Keep rows whose anchor and positive (unless a dropout positive) are non-blank."""
-    return [present(a) and (p is None or present(p)) for a, p in zip(batch["anchor"], batch["positive"])]
+def problem_of(value: Any, role: str) -> str | None:
+    """Why a row's `role` cell cannot be used ("an empty anchor", ...), or None when it is text."""
+    if present(as_text(value)):
+        return None
+    if value is None or isinstance(value, (str, int, float)):
+        return f"an empty {role}" if role == "anchor" else "no positive"
+    return f"an {role} that is not text" if role == "anchor" else "a positive that is not text"
+
+
+def to_rows(table: Any, args: DataArguments, source: str, report: bool = True) -> Any:
+    """Map a raw table to rows. Cells that are numbers or booleans become text. Blank negatives are skipped (a
+    row may have fewer); rows with an empty anchor, or an empty or null positive (`missing_positive`: error,
+    drop or dropout), are dropped, counted and reported by reason and row number (`report`: print it)."""
+    columns = list(table.column_names or next(iter(table)).keys())
+    plan = column_plan(columns, args, source)
+    streaming = isinstance(table, datasets.IterableDataset)
+    lines = Path(source).suffix == ".txt"  # a text file's blank lines separate texts: dropped unreported
+
+    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        rows: dict[str, list] = {"anchor": [], "positive": [], "negatives": [], "label": [], "dropped": []}
+        for i, index in enumerate(indices):
+            anchor = batch[plan["anchor"]][i]
+            positive = batch[plan["positive"]][i] if plan["positive"] else None
+            reason = problem_of(anchor, "anchor")
+            reason = BLANK_LINE if reason and lines else reason
+            if plan["positive"] and reason is None:
+                reason = problem_of(positive, "positive")
+                if reason == "no positive" and args.missing_positive == "dropout":
+                    reason, positive = None, None
+                elif reason == "no positive" and args.missing_positive == "error" and streaming:
+                    raise missing_positives(source, 1, [index])
+            negatives = [as_text(batch[c][i]) for c in plan["negatives"]]
+            rows["anchor"].append(as_text(anchor) or "")
+            rows["positive"].append(None if positive is None else as_text(positive))
+            rows["negatives"].append([n for n in negatives if present(n)])
+            rows["label"].append(batch[plan["label"]][i] if plan["label"] else None)
+            rows["dropped"].append(reason or "")
+            if reason and streaming and report and reason not in reported and reason != BLANK_LINE:
+                reported.add(reason)
+                print(f"textcl: warning: dropping rows of {source!r} with {reason} (the first: row {index + 1}); "
+                      "a stream is not counted ahead", file=sys.stderr)
+        return rows
+
+    reported: set[str] = set()
+    converted = table.map(convert, batched=True, with_indices=True, remove_columns=columns,
+                          features=row_features(table, plan))
+    if not streaming:
+        check_dropped(converted, args, source, report)
+    return converted.filter(lambda batch: [not reason for reason in batch["dropped"]], batched=True,
+                            ).remove_columns("dropped")
+
+
+def row_features(table: Any, plan: dict[str, Any]) -> datasets.Features | None:
+    """Text columns typed as text: a source column read as JSON values (numbers and strings mixed) would turn
+    the text "1" back into the number 1. The label keeps its source type."""
+    source = table.features
+    if source is None:
+        return None
+    label = source[plan["label"]] if plan["label"] else datasets.Value("null")
+    text = datasets.Value("string")
+    return datasets.Features({"anchor": text, "positive": text, "negatives": datasets.List(text), "label": label,
+                              "dropped": text})
+
+
+def missing_positives(source: str, count: int, rows: list[int]) -> TextclError:
+    counted = f"1 row of {source!r} has" if count == 1 else f"{count} rows of {source!r} have"
+    return TextclError(
+        f"{counted} no positive ({row_numbers(rows)}); fill them, or set missing_positive: drop (leave them out) "
+        "or dropout (each is its own positive, as in unsupervised SimCSE)"
+    )
+
+
+def row_numbers(indices: list[int], shown: int = 10) -> str:
+    """`rows 4, 8` (1-based; the first data row is row 1), at most `shown` of them."""
+    numbers = ", ".join(str(i + 1) for i in indices[:shown]) + (", ..." if len(indices) > shown else "")
+    return f"row {numbers}" if len(indices) == 1 else f"rows {numbers}"
+
+
+def check_dropped(rows: datasets.Dataset, args: DataArguments, source: str, report: bool) -> None:
+    """Raise for missing positives under `missing_positive: error`; report every other dropped row."""
+    reasons = rows["dropped"]
+    by_reason: dict[str, list[int]] = {}
+    for index, reason in enumerate(reasons):
+        if reason:
+            by_reason.setdefault(reason, []).append(index)
+    blank = len(by_reason.pop(BLANK_LINE, []))
+    if "no positive" in by_reason and args.missing_positive == "error":
+        missing = by_reason["no positive"]
+        raise missing_positives(source, len(missing), missing)
+    dropped = sum(len(indices) for indices in by_reason.values())
+    summary = ", ".join(f"{len(indices)} with {reason} ({row_numbers(indices)})" for reason, indices in by_reason.items())
+    if dropped + blank == len(reasons):
+        raise TextclError(f"all {len(reasons)} rows of {source!r} were filtered out ({summary or 'blank lines'})")
+    if dropped and report:
+        print(f"textcl: warning: dropped {dropped} of {len(reasons)} rows of {source!r}: {summary}", file=sys.stderr)
 
 
 def tag_source(batch: dict[str, list], index: int) -> dict[str, list]:
@@ -93,18 +183,16 @@ def tag_source(batch: dict[str, list], index: int) -> dict[str, list]:
     return {"source": [index] * len(batch["anchor"])}
 
 
-def load_rows(args: DataArguments) -> Any:
+def load_rows(args: DataArguments, report: bool = True) -> Any:
     """Rows of every source in `args.train_data`, concatenated (see module docstring), with a `source`
     column (the source's index) when `batch_per_source` needs it; errors name the fix before any training
-    starts."""
+    starts, and dropped rows are reported (`report`) by reason."""
     parts = []
     for source in args.train_data:
         table = load_source(source, args)
         if not args.streaming and len(table) == 0:
             raise TextclError(f"train_data {source!r} has no rows")
-        rows = to_rows(table, args, source)
-        if not args.streaming and len(rows) == 0:
-            raise TextclError(f"all {len(table)} rows of {source!r} were filtered out (empty anchor or positive)")
+        rows = to_rows(table, args, source, report)
         if args.batch_per_source:
             rows = rows.map(tag_source, fn_kwargs={"index": len(parts)}, batched=True)
         parts.append(rows)

@@ -170,7 +170,10 @@ def describe_training(run: TrainingRun, lora: dict[str, Any] | None) -> str:
     if any(beir):
         data += f"; BEIR folders: split `{c.data.train_split}`, each query paired with each relevant document"
     parts = []
-    if run.dropout_positives:
+    if run.dropout_positives and c.data.missing_positive == "dropout" and c.data.positive_column:
+        parts.append(f"positives from column `{c.data.positive_column}`; rows without one are their own positive "
+                     "through two dropout masks (`missing_positive: dropout`)")
+    elif run.dropout_positives:
         parts.append("each text is its own positive through two dropout masks")
     elif not all(beir):
         parts.append(f"positives from column `{c.data.positive_column}`")

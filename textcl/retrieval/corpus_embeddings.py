@@ -108,8 +108,14 @@ def encode_corpus(
     if cache_dir is not None and texts:
         path = Path(cache_dir) / f"{cache_key(encoder, texts, prefix, max_length, normalize, precision)}.npy"
         if path.exists():
-            logger.info("reusing cached embeddings %s", path)
-            return np.load(path, mmap_mode="r")
+            try:
+                cached = np.load(path, mmap_mode="r")
+                if cached.shape == (len(texts), encoder.dim):
+                    logger.info("reusing cached embeddings %s", path)
+                    return cached
+            except (ValueError, OSError):  # a truncated or damaged cache file: encode again
+                pass
+            logger.warning("the cached embeddings %s are damaged; encoding again", path)
     state = distributed_state()
     options = dict(batch_size=batch_size, prefix=prefix, max_length=max_length, normalize=normalize,
                    precision=precision)
@@ -181,6 +187,8 @@ def encode_to_file(
         result = np.load(partial)
     else:
         if rank == 0:
+            with partial.open("rb+") as handle:  # on disk before the rename publishes it in the cache
+                os.fsync(handle.fileno())
             os.replace(partial, path)
         barrier()
         result = np.load(path, mmap_mode="r")

@@ -7,7 +7,6 @@ length, search parameters). Scores are inner products; with normalize (the defau
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,10 +21,16 @@ from textcl.errors import TextclError
 from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
 from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus
 from textcl.retrieval.faiss_index import build_faiss_index, set_search_params
+from textcl.retrieval.index_folder import (
+    INDEX_FILES,  # noqa: F401  (re-exported)
+    check_finite,
+    check_queries,
+    model_location,
+    read_index_folder,
+    save_index_folder,
+)
 
 logger = logging.getLogger(__name__)
-
-INDEX_FILES = ("index.faiss", "ids.jsonl", "meta.json")
 
 
 class Hits(NamedTuple):
@@ -118,6 +123,7 @@ class SearchIndex:
         ids = [str(i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
         check_ids(ids, texts)
         embeddings = cls.encode_docs(encoder, meta, texts, batch_size, cache_dir, show_progress_bar)
+        check_finite(embeddings, "documents", ids)
         index = build_faiss_index([embeddings], factory)
         set_search_params(index, search_params)
         self = cls(index, meta, encoder)
@@ -147,48 +153,40 @@ class SearchIndex:
         ids = [str(start + i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
         check_ids(ids, texts, self.ids.tolist())
         embeddings = self.encode_docs(self.require_encoder(), self.meta, texts, batch_size, None, False)
+        check_finite(embeddings, "documents", ids)
         self.append(ids, texts)
         self.index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
 
-    def save(self, path: str | Path) -> None:
-        """Write the folder layout of the module docstring."""
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(root / "index.faiss"))
-        with (root / "ids.jsonl").open("w", encoding="utf-8") as handle:
-            for key, text in zip(self.ids, self.texts):
-                handle.write(json.dumps({"id": key, "text": text}, ensure_ascii=False) + "\n")
-        (root / "meta.json").write_text(json.dumps(self.meta | {"count": len(self.ids)}, indent=2) + "\n")
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the folder layout of the module docstring atomically (`textcl.retrieval.index_folder`): readers
+        see the previous index until the new one is complete. An existing index is replaced only with
+        `overwrite`; a concurrent writer of the same folder is waited for, then refused."""
+        save_index_folder(Path(path), self.index, self.ids.tolist(), self.texts.tolist(), self.meta, overwrite)
 
     @classmethod
     def load(
         cls, path: str | Path, encoder: Encoder | None = None, device: str | torch.device | None = None
     ) -> SearchIndex:
-        """Read a saved index; the encoder defaults to the model named in meta.json, loaded onto `device` (default:
+        """Read a saved index (verified: a damaged file is one line naming it); the encoder defaults to the model
+        named in meta.json (a relative path is relative to the index folder), loaded onto `device` (default:
         the GPU when torch sees one), and must have the index's dimension."""
         root = Path(path)
-        missing = [name for name in INDEX_FILES if not (root / name).is_file()]
-        if missing:
-            raise TextclError(f"{str(root)!r} is not a search index folder (missing {', '.join(missing)})")
-        meta = json.loads((root / "meta.json").read_text())
+        index, meta, ids, texts = read_index_folder(root)
         meta.pop("count", None)
+        meta.pop("files", None)
         if "doc_prompt_name" in meta:  # folders written before textcl named the document side one way
             meta["document_prompt_name"] = meta.pop("doc_prompt_name")
         meta.setdefault("precision", "fp32")
-        index = faiss.read_index(str(root / "index.faiss"))
-        with (root / "ids.jsonl").open(encoding="utf-8") as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
-        if len(records) != index.ntotal:
-            raise TextclError(f"{root}: ids.jsonl has {len(records)} rows but the index holds {index.ntotal} vectors")
-        encoder = encoder or Encoder.load(meta["model"], max_seq_length=meta["max_seq_length"], device=device)
-        if encoder.dim != meta["dim"] or index.d != meta["dim"]:
+        encoder = encoder or Encoder.load(model_location(meta["model"], root), max_seq_length=meta["max_seq_length"],
+                                          device=device)
+        if encoder.dim != index.d:
             raise TextclError(
                 f"the index in {str(root)!r} holds {index.d}-dimensional vectors but the model gives {encoder.dim}; "
                 f"search with the model it was built with ({meta['model']})"
             )
         set_search_params(index, meta.get("search_params", ""))
         self = cls(index, meta, encoder)
-        self.append([str(r["id"]) for r in records], [r["text"] for r in records])
+        self.append(ids, texts)
         return self
 
     def require_encoder(self) -> Encoder:
@@ -199,11 +197,13 @@ class SearchIndex:
     def search(self, queries: str | Sequence[str], k: int = 10, batch_size: int = ENCODE_BATCH_SIZE) -> Hits:
         """Encode `queries` (with the index's query prompt) and return their top `k` documents."""
         queries = [queries] if isinstance(queries, str) else list(queries)
+        check_queries(queries)
         vectors = self.require_encoder().encode(
             queries, batch_size=batch_size, prompt_name=self.meta["query_prompt_name"],
             normalize=self.meta["normalize"], max_seq_length=self.meta["query_max_length"],
             precision=self.meta["precision"],
         )
+        check_finite(vectors, "queries")
         return self.search_vectors(vectors, k)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> Hits:

@@ -8,9 +8,12 @@ sentence-transformers folder with `textcl.json` holding the resolved config and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,15 +30,30 @@ from textcl.data.loader import build_training_data
 from textcl.errors import TextclError
 from textcl.hub.model_card import TrainingRun, write_model_card
 from textcl.hub.push import push_to_hub, require_token
+from textcl.io.atomic import check_free_space, exclusive_lock, write_folder, write_text_atomically
 from textcl.model.device import default_device
-from textcl.model.lora import merged
+from textcl.model.lora import is_adapter, merged
 from textcl.model.precision import resolve_precision
 from textcl.training.checkpoint import (
     TrainingPosition,
+    any_process,
+    link_or_copy_tree,
+    load_checkpoint,
     prepare_output_dir,
-    replace_dir,
+    read_metrics,
     resolve_resume,
     save_checkpoint,
+    save_model_folder,
+    state_bytes,
+    trim_metrics,
+)
+from textcl.training.guards import (
+    NonFiniteGuard,
+    gradient_norm,
+    json_safe,
+    nonfinite_tensors,
+    step_is_finite,
+    training_warnings,
 )
 from textcl.training.setup import build_encoder, build_helpers, build_loss, build_optimizer
 from textcl.training.step import StepRunner
@@ -110,9 +128,16 @@ class Trainer:
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, warmup, self.max_steps)
         self.position = TrainingPosition()
         self.steps = StepRunner(config, self.model, self.loss, self.accelerator, momentum, guide)
-        for stateful in (self.scheduler, self.position, self.loss, *self.steps.stateful()):
-            self.accelerator.register_for_checkpointing(stateful)
-        self.resume_from = resolve_resume(self.output_dir, args.resume_from_checkpoint)
+        # textcl's own state, saved as safetensors + JSON by textcl.training.checkpoint (never as pickles)
+        self.objects = {"scheduler": self.scheduler, "position": self.position, "loss": self.loss}
+        self.objects |= {type(helper).__name__: helper for helper in self.steps.stateful()}
+        self.guard = NonFiniteGuard(args.max_nonfinite_steps)
+        self.model_bytes, self.checkpoint_bytes = self.saved_bytes()
+        # a disk too small fails now, not after hours of training (on every process: they all stop)
+        check_free_space(self.output_dir, self.model_bytes + (self.checkpoint_bytes if args.save_steps else 0),
+                         "this run", "free some space or choose another output_dir")
+        self.resume_from = resolve_resume(self.output_dir, args.resume_from_checkpoint,
+                                          self.accelerator.is_main_process)
 
     def start_epoch(self, epoch: int) -> None:
         """Point the data and accelerate's loader at `epoch`.
@@ -136,10 +161,19 @@ class Trainer:
 
         return evaluate(self.unwrapped(), sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split)
 
+    def saved_bytes(self) -> tuple[int, int]:
+        """About how many bytes the final model and one checkpoint take (weights; Adam's two moments of the
+        trainable ones; the momentum encoder and queue)."""
+        adapter_only = is_adapter(self.encoder.model) and not self.config.model.lora_merge
+        model = state_bytes(self.encoder, trainable_only=adapter_only)
+        helpers = sum(state_bytes(helper) for helper in self.steps.stateful())
+        return model, state_bytes(self.encoder) + 2 * state_bytes(self.encoder, trainable_only=True) + helpers
+
     def log(self, record: dict[str, Any]) -> None:
+        record = json_safe(record)  # NaN is not JSON: non-finite values are logged as null
         if self.accelerator.is_main_process:
             with (self.output_dir / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
         flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         for group, values in record.items():
             if isinstance(values, dict):
@@ -154,13 +188,39 @@ class Trainer:
         value = lookup(metrics, name)
         best = self.position.best_metric
         sign = 1 if self.config.training.greater_is_better else -1
-        if best is None or sign * (value - best) > 0:
+        if (best is None or sign * (value - best) > 0) and not self.weights_broken():
             self.position.best_metric = value
             if self.accelerator.is_main_process:
-                staging = self.output_dir / ".best_model.tmp"
-                self.save_model(staging)
-                replace_dir(staging, self.output_dir / "best_model")
+                write_folder(self.output_dir / "best_model", self.save_model, "the best model", self.model_bytes)
             self.accelerator.wait_for_everyone()
+
+    def weights_broken(self) -> bool:
+        """Some weight is NaN or infinite (on any process); such weights are never saved."""
+        return any_process(self.accelerator, bool(nonfinite_tensors(self.model)))
+
+    def gradients(self) -> Any:
+        """The gradient norm after clipping to max_grad_norm (when set); None under fp16, whose gradient scaler
+        skips overflowing steps itself."""
+        max_norm = self.config.training.max_grad_norm
+        if max_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:
+            norm = gradient_norm(self.model.parameters())
+        return None if self.accelerator.scaler is not None else norm
+
+    def checkpoint(self) -> None:
+        """A checkpoint of this step, unless the weights are not finite or the last step was skipped (the last
+        good checkpoint stays the newest)."""
+        step = self.position.step
+        if self.guard.streak or self.weights_broken():
+            if self.accelerator.is_main_process:
+                tqdm.write(f"textcl: warning: step {step}: no checkpoint written (non-finite loss, gradient or "
+                           "weights)", file=sys.stderr)
+            return
+        args = self.config.training
+        path = save_checkpoint(self.accelerator, self.output_dir, step, args.save_total_limit, self.objects,
+                               self.checkpoint_bytes)
+        self.guard.last_checkpoint = str(path)
 
     def train(self) -> dict[str, Any]:
         args = self.config.training
@@ -169,7 +229,10 @@ class Trainer:
             self.write_run_file({})
         accelerator.init_trackers("textcl", config={k: str(v) for k, v in self.config.to_dict().items()})
         if self.resume_from is not None:
-            accelerator.load_state(str(self.resume_from))
+            load_checkpoint(accelerator, self.resume_from, self.objects)
+            self.guard.last_checkpoint = str(self.resume_from)
+            if accelerator.is_main_process:
+                trim_metrics(self.output_dir, self.position.step)
         position = self.position
         self.model.train()  # from_pretrained returns eval mode: no dropout, so no SimCSE positives
         bar = tqdm(total=self.max_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
@@ -182,16 +245,22 @@ class Trainer:
             for batch in loader:
                 with accelerator.accumulate(self.model):
                     loss = self.steps.backward(batch)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                    self.optimizer.step()
+                    finite = not accelerator.sync_gradients or not any_process(
+                        accelerator, not step_is_finite(loss, self.gradients()))
+                    if finite:  # a non-finite step's gradients are discarded (see textcl.training.guards)
+                        self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 position.batches_in_epoch += 1
                 samples += batch["anchor"]["input_ids"].shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
                 self.scheduler.step()
-                self.steps.after_optimizer_step()
+                if self.guard.observe(position.step + 1, finite):
+                    self.steps.after_optimizer_step()
+                elif accelerator.is_main_process:
+                    tqdm.write(f"textcl: warning: step {position.step + 1}: non-finite loss or gradient; update "
+                               f"skipped ({len(self.guard.streak)} of {self.guard.max_steps} in a row stop the run)",
+                               file=sys.stderr)
                 position.step += 1
                 bar.update(1)
                 if position.step % args.logging_steps == 0 or position.step == self.max_steps:
@@ -202,18 +271,25 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
                                     sps=f"{rate:.1f}")
                     self.log(record)
+                if len(self.guard.streak) >= self.guard.max_steps:
+                    bar.close()
+                    self.guard.raise_if_diverged()
                 if args.eval_steps and position.step % args.eval_steps == 0:
                     metrics = self.evaluate()
                     self.log({"step": position.step, **metrics})
                     self.keep_best(metrics)
                 if args.save_steps and position.step % args.save_steps == 0:
-                    save_checkpoint(accelerator, self.output_dir, position.step, args.save_total_limit)
+                    self.checkpoint()
                 if position.step >= self.max_steps:
                     break
             else:
                 position.epoch += 1
                 position.batches_in_epoch = 0
         bar.close()
+        if accelerator.is_main_process:
+            batch = args.per_device_train_batch_size * accelerator.num_processes
+            for warning in training_warnings(read_metrics(self.output_dir), batch):
+                print(f"textcl: warning: {warning}", file=sys.stderr)
         runtime = time.perf_counter() - started
         speed = {"train_runtime": runtime, "train_samples_per_second": samples / runtime}
         self.log({"step": position.step, **speed})
@@ -226,18 +302,16 @@ class Trainer:
             self.log({"step": self.position.step, **metrics})
             self.keep_best(metrics)
         best = self.output_dir / "best_model"
+        keep_best = bool(self.config.training.metric_for_best_model) and best.exists()
+        if not keep_best and self.weights_broken():
+            broken = nonfinite_tensors(self.model)
+            where = f" (e.g. {broken[0]})" if broken else ""
+            last = self.guard.last_checkpoint or "none was written"
+            raise TextclError(f"the trained weights hold non-finite values (NaN or inf){where}; no model saved "
+                              f"(the last good checkpoint: {last}); lower learning_rate or set max_grad_norm")
         if self.accelerator.is_main_process:
-            if self.config.training.metric_for_best_model and best.exists():
-                for item in best.iterdir():
-                    target = self.output_dir / item.name
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    shutil.move(str(item), target)
-                best.rmdir()
-            else:
-                self.save_model(self.output_dir)
+            self.install_model(metrics, best if keep_best else None)
             self.write_run_file(metrics)
-            self.write_card(metrics)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         args = self.config.training
@@ -246,6 +320,23 @@ class Trainer:
             url = push_to_hub(self.output_dir, repo_id, private=args.hub_private_repo, revision=args.hub_revision)
             print(f"pushed {self.output_dir} to {url}")
         return metrics
+
+    def install_model(self, metrics: dict[str, Any], best: Path | None) -> None:
+        """Write the final model (or the kept best one) and its card into output_dir, never half a model."""
+        last = self.guard.last_checkpoint
+        fix = "free some space, then " + (f"resume with --resume_from_checkpoint latest ({Path(last).name} is intact)"
+                                          if last else "rerun (no checkpoint was written: set save_steps to keep one)")
+
+        def write(staging: Path) -> None:
+            if best is None:
+                self.save_model(staging)
+            else:
+                link_or_copy_tree(best, staging)
+            self.write_card(metrics, staging)
+
+        save_model_folder(write, self.output_dir, self.model_bytes, "the final model", fix)
+        if best is not None:
+            shutil.rmtree(best)
 
     def save_model(self, path: Path) -> None:
         """Save the trained encoder; with `lora_merge`, a copy with the adapter merged into full weights."""
@@ -260,14 +351,13 @@ class Trainer:
         name, best = self.config.training.metric_for_best_model, self.position.best_metric
         if not name or best is None:
             return metrics, None
-        for line in (self.output_dir / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
+        for record in read_metrics(self.output_dir):
             if ("sts" in record or "retrieval" in record) and lookup(record, name) == best:
                 return {key: record[key] for key in ("sts", "retrieval") if key in record}, record["step"]
         return metrics, None
 
-    def write_card(self, metrics: dict[str, Any]) -> None:
-        """README.md describing this run."""
+    def write_card(self, metrics: dict[str, Any], folder: Path) -> None:
+        """folder/README.md describing this run."""
         evaluation, best_step = self.saved_evaluation(metrics)
         run = TrainingRun(
             config=self.config, metrics=evaluation, steps=self.position.step,
@@ -276,14 +366,22 @@ class Trainer:
             dropout_positives=self.data.dropout_positives, hard_negatives=self.data.num_negatives > 0,
         )
         model_id = self.config.training.hub_model_id or self.output_dir.resolve().name
-        write_model_card(self.unwrapped(), self.output_dir, run, model_id)
+        write_model_card(self.unwrapped(), folder, run, model_id)
 
     def write_run_file(self, metrics: dict[str, Any]) -> None:
         """textcl.json: the resolved config (rerunnable as a recipe) and the final metrics."""
-        run = {"textcl_version": __version__, "config": self.config.to_dict(), "metrics": metrics}
-        (self.output_dir / "textcl.json").write_text(json.dumps(run, indent=2) + "\n")
+        run = {"textcl_version": __version__, "config": self.config.to_dict(), "metrics": json_safe(metrics)}
+        write_text_atomically(self.output_dir / "textcl.json", json.dumps(run, indent=2) + "\n")
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run one training job described by `config`; returns the final evaluation metrics."""
-    return Trainer(config).train()
+    """Run one training job described by `config`; returns the final evaluation metrics.
+
+    The first process holds output_dir's write lock for the whole run, so a second run into the same folder is
+    refused instead of mixing checkpoints with this one.
+    """
+    output_dir = Path(config.training.output_dir)
+    first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
+    lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
+    with lock if first_process else contextlib.nullcontext():
+        return Trainer(config).train()
