@@ -37,17 +37,34 @@ from textcl.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from textcl.training.setup import build_encoder, build_helpers, build_loss, build_optimizer
+from textcl.training.parallel import (
+    collective_failures,
+    full_encoder,
+    honour_launch_config,
+    process_group_kwargs,
+    shard_batches,
+)
+from textcl.training.setup import (
+    apply_training_options,
+    build_encoder,
+    build_helpers,
+    build_loss,
+    build_optimizer,
+    check_training_options,
+)
 from textcl.training.step import StepRunner
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
+    """Optimizer steps of the run: max_steps, else the epochs' worth. accelerate also steps at the end of every
+    epoch, so an epoch of n batches takes ceil(n / gradient_accumulation_steps) steps (as in transformers)."""
     args = config.training
     if args.max_steps > 0:
         return args.max_steps
     if batches_per_epoch is None:
         raise TextclError("streaming data has no length: set max_steps")
-    return max(1, math.ceil(args.num_train_epochs * batches_per_epoch / args.gradient_accumulation_steps))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
 
 
 def lookup(metrics: dict[str, Any], dotted: str) -> float:
@@ -79,7 +96,9 @@ class Trainer:
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=args.report_to or None,
             project_dir=str(self.output_dir),
+            kwargs_handlers=process_group_kwargs(args.ddp_timeout),
         )
+        honour_launch_config(self.accelerator)
         if self.accelerator.is_main_process:
             print(f"textcl: training in {self.precision} ({why})")
         set_seed(args.seed, device_specific=True)
@@ -88,6 +107,7 @@ class Trainer:
             prepare_output_dir(self.output_dir, args.overwrite_output_dir, resuming)
         self.accelerator.wait_for_everyone()
         self.encoder = build_encoder(config.model)
+        check_training_options(self.encoder, config)
         with self.accelerator.main_process_first():
             self.data = build_training_data(
                 config.data, tokenizer=self.encoder.tokenizer, max_seq_length=self.encoder.max_seq_length,
@@ -98,9 +118,10 @@ class Trainer:
         self.loss = build_loss(config.loss)
         self.optimizer = build_optimizer(self.encoder, self.loss, args)
         momentum, guide = build_helpers(config.loss, self.encoder, self.accelerator.device)
+        apply_training_options(self.encoder, args)  # after build_helpers: the momentum copy stays uncompiled
         self.model, self.optimizer = self.accelerator.prepare(self.encoder, self.optimizer)
         streaming = config.data.streaming  # streams are split between processes by the data, not by accelerate
-        self.prepared_loader = self.data.loader if streaming else self.accelerator.prepare(self.data.loader)
+        self.prepared_loader = self.data.loader if streaming else shard_batches(self.accelerator, self.data.loader)
         self.loss = self.loss.to(self.accelerator.device)
         batches = None if streaming else len(self.prepared_loader)
         self.max_steps = total_steps(config, batches)
@@ -156,9 +177,9 @@ class Trainer:
         sign = 1 if self.config.training.greater_is_better else -1
         if best is None or sign * (value - best) > 0:
             self.position.best_metric = value
+            staging = self.output_dir / ".best_model.tmp"
+            self.save_model(staging)
             if self.accelerator.is_main_process:
-                staging = self.output_dir / ".best_model.tmp"
-                self.save_model(staging)
                 replace_dir(staging, self.output_dir / "best_model")
             self.accelerator.wait_for_everyone()
 
@@ -179,9 +200,9 @@ class Trainer:
             loader = self.prepared_loader
             if position.batches_in_epoch:
                 loader = accelerator.skip_first_batches(loader, position.batches_in_epoch)
-            for batch in loader:
+            for batch in self.steps.batches(loader):
                 with accelerator.accumulate(self.model):
-                    loss = self.steps.backward(batch)
+                    self.steps.backward(batch)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     self.optimizer.step()
@@ -190,13 +211,15 @@ class Trainer:
                 samples += batch["anchor"]["input_ids"].shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
-                self.scheduler.step()
-                self.steps.after_optimizer_step()
+                skipped = self.optimizer.step_was_skipped  # an fp16 overflow: the optimizer left the weights
+                if not skipped:
+                    self.scheduler.step()
+                loss = self.steps.end_step(skipped)
                 position.step += 1
                 bar.update(1)
                 if position.step % args.logging_steps == 0 or position.step == self.max_steps:
                     rate = samples / (time.perf_counter() - started)
-                    record = {"step": position.step, "epoch": position.epoch, "loss": loss.item(),
+                    record = {"step": position.step, "epoch": position.epoch, "loss": loss,
                               "learning_rate": self.scheduler.get_last_lr()[0], "samples_per_second": rate}
                     record |= self.steps.statistics()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
@@ -226,16 +249,17 @@ class Trainer:
             self.log({"step": self.position.step, **metrics})
             self.keep_best(metrics)
         best = self.output_dir / "best_model"
+        keep_best = bool(self.config.training.metric_for_best_model) and self.position.best_metric is not None
+        if not keep_best:
+            self.save_model(self.output_dir)
         if self.accelerator.is_main_process:
-            if self.config.training.metric_for_best_model and best.exists():
+            if keep_best:
                 for item in best.iterdir():
                     target = self.output_dir / item.name
                     if target.is_dir():
                         shutil.rmtree(target)
                     shutil.move(str(item), target)
                 best.rmdir()
-            else:
-                self.save_model(self.output_dir)
             self.write_run_file(metrics)
             self.write_card(metrics)
         self.accelerator.wait_for_everyone()
@@ -248,8 +272,11 @@ class Trainer:
         return metrics
 
     def save_model(self, path: Path) -> None:
-        """Save the trained encoder; with `lora_merge`, a copy with the adapter merged into full weights."""
-        encoder = self.unwrapped()
+        """Save the trained encoder; with `lora_merge`, a copy with the adapter merged into full weights. Every
+        process calls it (sharded weights are gathered first); the main process writes."""
+        encoder = full_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
+        if encoder is None:
+            return
         if self.config.model.lora_merge:
             encoder = merged(encoder)
         encoder.save(path)
@@ -286,4 +313,6 @@ class Trainer:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job described by `config`; returns the final evaluation metrics."""
-    return Trainer(config).train()
+    trainer = Trainer(config)
+    with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps), config.training.ddp_timeout):
+        return trainer.train()
