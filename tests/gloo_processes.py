@@ -108,10 +108,11 @@ def rank_of(pid: int) -> int | None:
     return int(values[b"RANK"]) if b"RANK" in values else None
 
 
-def launch(command: Sequence[str], timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run `command` (e.g. `accelerate launch --tee 3 ...`, whose workers' lines start with `[default<rank>]:`);
-    past `timeout` seconds, make every worker (a process with RANK in its environment) print its stacks
-    (SIGABRT under PYTHONFAULTHANDLER), kill everything and fail naming each rank's collective."""
+def launch(command: Sequence[str], timeout: float, env: dict[str, str], log_dir: Path) -> subprocess.CompletedProcess:
+    """Run `command` (`accelerate launch --tee 3 --log_dir LOG_DIR ...`, which writes each worker's stderr to
+    LOG_DIR/<run>/attempt_0/<rank>/stderr.log); past `timeout` seconds, make every worker (a process with RANK in
+    its environment) print its stacks (SIGABRT under PYTHONFAULTHANDLER), kill everything and fail naming each
+    rank's collective."""
     process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -124,6 +125,6 @@ def launch(command: Sequence[str], timeout: float, env: dict[str, str]) -> subpr
         time.sleep(3)
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        stacks = {rank: "\n".join(line.split(":", 1)[1] for line in output.splitlines()
-                                  if line.startswith(f"[default{rank}]:")) for rank in workers.values()}
+        stacks = {rank: "".join(path.read_text() for path in log_dir.glob(f"*/attempt_*/{rank}/stderr.log"))
+                  for rank in workers.values()}
         pytest.fail(hang_report(timeout, stacks) + "\n--- output ---\n" + output[-5000:], pytrace=False)

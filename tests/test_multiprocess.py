@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from conftest import SENTENCES
-from gloo_processes import run_processes
+from gloo_processes import launch, run_processes
 from safetensors.torch import load_file
 
 from textcl import Encoder
@@ -320,3 +321,21 @@ def test_momentum_encoder_starts_identical_on_every_process(two: Path) -> None:
     for key, value in ranks[0]["momentum"].items():
         assert torch.equal(ranks[1]["momentum"][key], value), key
         assert torch.equal(ranks[0]["online"][key], value), key
+
+
+def test_the_issues_reproduction_finishes(tiny_model_dir: Path, data: dict, tmp_path: Path) -> None:
+    """Issue 13's command, `accelerate launch --multi_gpu --num_processes 2 -m textcl train` on CPU with ragged
+    negatives and forward_chunk_size 4 for 8 steps (over epochs of 3), hung at its first uneven step; now it
+    finishes. (`launch` fails the test with each rank's collective if it hangs.)"""
+    recipe = tmp_path / "ragged.yaml"
+    settings = {"model_name_or_path": str(tiny_model_dir), "train_data": data["ragged"][0], "max_seq_length": 24,
+                "per_device_train_batch_size": 8, "forward_chunk_size": 4, "max_steps": 8, "logging_steps": 1,
+                "output_dir": str(tmp_path / "out-ragged"), "pooling": "mean"}
+    recipe.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items()))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--tee", "3",
+               "--log_dir", str(tmp_path / "logs"), "-m", "textcl", "train", str(recipe)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = launch(command, timeout=600, env=env, log_dir=tmp_path / "logs")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert [record["step"] for record in records(tmp_path / "out-ragged")] == list(range(1, 9))

@@ -53,24 +53,26 @@ def test_an_fp16_overflow_skips_the_scheduler_the_momentum_encoder_and_the_queue
     tiny_model_dir: Path, sentences_file: Path, tmp_path: Path
 ) -> None:
     """accelerate has no fp16 on CPU, so the run gets the GradScaler accelerate uses on GPUs, at a loss scale
-    so large that the first steps overflow for real (inf gradients); the scaler halves it after each. Only
-    the steps the optimizer took move the learning-rate schedule, the momentum encoder and the queue."""
+    so large that some steps overflow for real (inf gradients; the scaler halves the scale after each, so
+    the skips are counted from it). Only the steps the optimizer took move the learning-rate schedule, the
+    momentum encoder and the queue. (AdamW is fused: it takes the step call and skips inside its kernel, where
+    accelerate's `step_was_skipped` does not see it.)"""
     AcceleratorState._reset_state()
     GradientState._reset_state()
     config = load_config(None, arguments(tiny_model_dir, sentences_file, tmp_path / "out", max_steps=6,
                                          queue_size=1000, max_grad_norm=0, learning_rate=1e-3, warmup_steps=0))
     trainer = Trainer(config)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**132)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)
     trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, device_placement=False, scaler=scaler)
     trainer.accelerator.scaler = scaler
     before = [p.detach().clone() for p in trainer.unwrapped().parameters()]
     trainer.train()
-    skipped = round(math.log2(2.0**132 / scaler.get_scale()))
+    skipped = round(math.log2(2.0**126 / scaler.get_scale()))
     taken = 6 - skipped
     assert 1 <= skipped < 6, skipped
     assert trainer.scheduler.last_epoch == taken
     assert int(trainer.steps.momentum.average.n_averaged) == 1 + taken
     assert int(trainer.steps.queue.filled) == 8 * taken
     rates = logged(tmp_path / "out", "learning_rate")
-    assert rates[: skipped] == [1e-3] * skipped and rates[skipped] < 1e-3  # the schedule waits for real steps
+    assert sum(a == b for a, b in zip([1e-3, *rates], rates)) == skipped  # the schedule waits on skipped steps
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.unwrapped().parameters()))

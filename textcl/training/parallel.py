@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -126,8 +127,13 @@ def collective_failures(step: Callable[[], int], ddp_timeout: int) -> Iterator[N
         rank, size = world()
         if size == 1 or not is_collective_failure(error):
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TextclError(
             f"process {rank} of {size} stopped at step {step()}: a collective failed or waited longer than "
-            f"ddp_timeout={ddp_timeout}s, so another process died or stalled (see its output) [{reason[-200:]}]"
+            f"ddp_timeout={ddp_timeout}s, so another process died or stalled (see its output) [{short(error)}]"
         ) from None
+
+
+def short(error: BaseException) -> str:
+    """The gist of a backend error: its first sentence, without gloo's source-location prefix."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:200]

@@ -105,6 +105,20 @@ def forward_chunk_size(config: TrainConfig, accelerator: Accelerator) -> int:
     return 32 if accelerator.device.type == "cpu" else 0
 
 
+def optimizer_step(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
+    """`optimizer.step()`; False when it left the weights as they were (an fp16 overflow: inf or NaN gradients).
+
+    accelerate's `step_was_skipped` misses the skips of a fused optimizer (our AdamW), which takes the step call
+    and skips inside its kernel; the loss scale tells instead, as in transformers: it falls only after an
+    overflow. DeepSpeed scales the loss itself and reports its skips on the optimizer.
+    """
+    scaler = accelerator.scaler
+    before = scaler.get_scale() if scaler is not None else None
+    optimizer.step()
+    overflowed = scaler is not None and scaler.get_scale() < before
+    return not (overflowed or getattr(optimizer, "step_was_skipped", False))
+
+
 class StepRunner:
     """Computes the loss of a batch and runs its backward; keeps what the logger reports.
 

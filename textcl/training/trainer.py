@@ -52,7 +52,7 @@ from textcl.training.setup import (
     build_optimizer,
     check_training_options,
 )
-from textcl.training.step import StepRunner
+from textcl.training.step import StepRunner, optimizer_step
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
@@ -205,16 +205,15 @@ class Trainer:
                     self.steps.backward(batch)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                    self.optimizer.step()
+                    stepped = optimizer_step(accelerator, self.optimizer)
                     self.optimizer.zero_grad(set_to_none=True)
                 position.batches_in_epoch += 1
                 samples += batch["anchor"]["input_ids"].shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
-                skipped = self.optimizer.step_was_skipped  # an fp16 overflow: the optimizer left the weights
-                if not skipped:
+                if stepped:  # not after an fp16 overflow
                     self.scheduler.step()
-                loss = self.steps.end_step(skipped)
+                loss = self.steps.end_step(skipped=not stepped)
                 position.step += 1
                 bar.update(1)
                 if position.step % args.logging_steps == 0 or position.step == self.max_steps:
