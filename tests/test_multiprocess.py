@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from textcl import Encoder
 from textcl.config import load_config
 from textcl.data.loader import build_training_data
 from textcl.demo.run import demo_rows
+from textcl.evaluation.suite import evaluate
 from textcl.losses import InfoNCELoss
 from textcl.training.setup import build_encoder
 from textcl.training.step import forwards_needed
@@ -52,8 +54,8 @@ CASES: dict[str, dict] = {
     "bf16": {"bf16": "true", "forward_chunk_size": 4, "max_steps": 2, "max_seq_length": 12},
     "batch_per_source": {"data": "sources", "batch_per_source": True, "learning_rate": 0.0, "max_steps": 3},
     "streaming": {"data": "stream", "streaming": True, "learning_rate": 0.0, "max_steps": 4},
-    "fsdp": {"env": FSDP, "forward_chunk_size": 4, "save_steps": 2, **CONSTANT},
-    "fsdp_gradcache": {"env": FSDP, "gradcache_chunk_size": 3, "max_steps": 3},
+    "fsdp": {"env": FSDP, "forward_chunk_size": 4, "save_steps": 2, "evaluate": True, **CONSTANT},
+    "fsdp_gradcache": {"env": FSDP, "gradcache_chunk_size": 3, "max_steps": 3, "gradient_checkpointing": True},
     "fsdp_first_half": {"env": FSDP, "forward_chunk_size": 4, "save_steps": 2, "output": "fsdp_resumed",
                         **CONSTANT, "max_steps": 2},
     "fsdp_resumed": {"env": FSDP, "forward_chunk_size": 4, "save_steps": 2, "resume_from_checkpoint": "latest",
@@ -93,6 +95,9 @@ def pair_rows(start: int, count: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     folder = tmp_path_factory.mktemp("mp-data")
+    sts = folder / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{i % 5}\n" for i, (a, b) in
+                                                             enumerate(pairwise(SENTENCES))))
     return {
         "ragged": [str(write_jsonl(folder / "ragged.jsonl", ragged_rows()))],
         # two sources of different lengths: batches of 8, 8, 8, 4 and 8, 4
@@ -100,6 +105,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
                     str(write_jsonl(folder / "b.jsonl", pair_rows(100, 12)))],
         # streamed rows alternate between the processes: 17 and 16 rows, so rank 0 has a third batch (of 1)
         "stream": [str(write_jsonl(folder / "stream.jsonl", pair_rows(0, 33)))],
+        "sts": [str(sts)],
     }
 
 
@@ -107,7 +113,10 @@ def overrides(model: Path, data: dict[str, list[str]], output: Path, case: dict,
     settings = {"model_name_or_path": str(model), "train_data": data[case.get("data", "ragged")],
                 "output_dir": str(output), "per_device_train_batch_size": batch, "learning_rate": 1e-3,
                 "logging_steps": 1, "max_seq_length": 24, "dropout": 0.0, "pooling": "mean", "forward_chunk_size": 0}
-    settings |= {key: value for key, value in case.items() if key not in ("data", "env", "output", "setup_only")}
+    if case.get("evaluate"):
+        settings["eval_sts"] = data["sts"]
+    settings |= {key: value for key, value in case.items() if key not in ("data", "env", "output", "setup_only",
+                                                                            "evaluate")}
     arguments = []
     for key, value in settings.items():
         values = value if isinstance(value, list) else [value]
@@ -221,8 +230,9 @@ def test_the_ragged_data_makes_the_processes_need_different_forwards(tiny_model_
 
 @pytest.mark.parametrize("name", ["ragged", "gradcache", "fsdp_gradcache"])
 def test_ragged_negatives_two_processes_equal_one_process(two: Path, one, name: str) -> None:
-    """Ragged and absent negatives, forward chunks of 4 or GradCache chunks of 3 (plain DDP and FSDP), an uneven
-    last batch: the same losses as one process with the doubled batch (GradCache = plain backprop)."""
+    """Ragged and absent negatives, forward chunks of 4 or GradCache chunks of 3 (DDP, and FSDP with gradient
+    checkpointing too), an uneven last batch: the losses of one process with the doubled batch (GradCache and
+    checkpointing compute plain backprop's gradients)."""
     assert_same_losses(losses(two / name), losses(one("ragged").output_dir))
 
 
@@ -296,15 +306,18 @@ def test_streaming_ends_each_epoch_together(two: Path, tiny_model_dir: Path, dat
     assert [r["loss"] for r in got] == pytest.approx(expected, abs=1e-5)
 
 
-def test_fsdp_trains_saves_and_resumes(two: Path, one) -> None:
+def test_fsdp_trains_evaluates_saves_and_resumes(two: Path, one, data: dict) -> None:
     """FSDP (torch's FSDP2 through accelerate, 2 CPU processes): the losses of 1 process x 16; the saved folder is
-    a full sentence-transformers model that computes what the sharded model computed; a run stopped after
-    its step-2 checkpoint and resumed ends with the weights of the uninterrupted run."""
+    a full sentence-transformers model that computes what the sharded model computed; the run's final STS
+    evaluation is that of the saved model; a run stopped after its step-2 checkpoint and resumed ends with the
+    weights of the uninterrupted run."""
     assert_same_losses(losses(two / "fsdp"), losses(one("fsdp").output_dir))
     st = pytest.importorskip("sentence_transformers")
     sharded = torch.load(two / "fsdp-embeddings-rank0.pt")
     saved = st.SentenceTransformer(str(two / "fsdp"), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     torch.testing.assert_close(saved, sharded, atol=1e-5, rtol=0)
+    evaluated = json.loads((two / "fsdp" / "textcl.json").read_text())["metrics"]["sts"]["spearman"]
+    assert evaluated == pytest.approx(evaluate(Encoder.load(two / "fsdp"), sts=data["sts"])["sts"]["spearman"], abs=1e-6)
     assert losses(two / "fsdp_resumed") == pytest.approx(losses(two / "fsdp"), abs=1e-6)
     full, resumed = load_file(two / "fsdp" / "model.safetensors"), load_file(two / "fsdp_resumed" / "model.safetensors")
     assert full.keys() == resumed.keys() and len(full) > 10

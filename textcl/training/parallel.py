@@ -5,9 +5,10 @@
   the step instead of a stack trace from inside torch.
 - accelerate runs an FSDP launch config on CPU as plain DDP, without a word (its FSDP switch lists GPU-like
   devices only), and ignores a DeepSpeed config there. torch's FSDP does shard on CPU over gloo, so
-  `honour_launch_config` keeps FSDP on CPU (runs and tests then exercise FSDP itself), and refuses DeepSpeed
-  on CPU with a one-line error.
-- Under FSDP or DeepSpeed ZeRO-3 no process holds all the weights: `full_encoder` gathers them for saving.
+  `apply_launch_config` keeps FSDP on CPU (runs and tests then exercise FSDP itself), and refuses DeepSpeed
+  on CPU with a one-line error, as it does what a sharded run cannot do (a momentum encoder, ...).
+- Under FSDP or DeepSpeed ZeRO-3 no process holds all the weights: `full_encoder` gathers them for saving,
+  `evaluation_encoder` for evaluation.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, In
 from torch import nn
 from torch.utils.data import DataLoader
 
+from textcl.config import TrainConfig
 from textcl.errors import TextclError
 from textcl.losses.distributed import world
 from textcl.model.encoder import Encoder
@@ -42,19 +44,35 @@ def launch_asks_for(name: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"
 
 
-def honour_launch_config(accelerator: Accelerator) -> None:
-    """Make an FSDP launch config give FSDP on CPU too (see the module docstring); refuse DeepSpeed on CPU."""
-    if accelerator.distributed_type != DistributedType.MULTI_CPU:
-        return
-    if launch_asks_for("DEEPSPEED"):
+def apply_launch_config(accelerator: Accelerator, config: TrainConfig) -> None:
+    """Make an FSDP launch config give FSDP on CPU too (see the module docstring); refuse DeepSpeed on CPU, and
+    what a sharded run cannot do, before any work is done."""
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and launch_asks_for("DEEPSPEED"):
         raise TextclError("DeepSpeed needs GPUs: accelerate would silently run this DeepSpeed config as plain DDP on "
                           "CPU; launch with recipes/accelerate/ddp.yaml or fsdp.yaml instead")
-    if launch_asks_for("FSDP"):
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and launch_asks_for("FSDP"):
         state = accelerator.state
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* environment
         if accelerator.mixed_precision != "no":
             state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
+    if accelerator.gradient_accumulation_steps != config.training.gradient_accumulation_steps:
+        raise TextclError(f"the launch sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps} "
+                          f"(its config or ACCELERATE_GRADIENT_ACCUMULATION_STEPS) but the recipe says "
+                          f"{config.training.gradient_accumulation_steps}: set it in the recipe only")
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # the model is prepared without the data, whose batches have no fixed size anyway
+        plugin = accelerator.state.deepspeed_plugin
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.training.per_device_train_batch_size
+    if deepspeed and config.loss.gradcache_chunk_size:
+        raise TextclError("gradcache_chunk_size does not work under DeepSpeed (its engine owns the backward); "
+                          "launch with recipes/accelerate/fsdp.yaml or ddp.yaml, or drop gradcache_chunk_size")
+    if shards_parameters(accelerator) and config.loss.queue_size > 0:
+        raise TextclError("queue_size (a momentum encoder) needs every weight on every process: it does not work "
+                          "with FSDP or DeepSpeed ZeRO-3; use DDP or ZeRO-2, or set queue_size: 0")
+    if shards_parameters(accelerator) and deepspeed and (config.data.eval_sts or config.data.eval_beir):
+        raise TextclError("evaluation during training is not supported under DeepSpeed ZeRO-3: drop eval_sts and "
+                          "eval_beir and evaluate the saved model with `textcl eval`")
 
 
 class WholeBatches:
@@ -108,6 +126,22 @@ def full_encoder(accelerator: Accelerator, model: nn.Module, rebuild: Callable[[
     if not accelerator.is_main_process:
         return None
     encoder = rebuild()
+    encoder.load_state_dict(state)
+    return encoder
+
+
+def evaluation_encoder(accelerator: Accelerator, model: nn.Module, rebuild: Callable[[], Encoder]) -> Encoder:
+    """The encoder to evaluate on every process: the trained one, or under FSDP a full copy of it.
+
+    A sharded model gathers its weights in every forward, a collective, but evaluation encodes uneven shards of
+    a corpus on each process: every process gets all the weights once instead (one full copy while evaluating).
+    """
+    if not shards_parameters(accelerator):
+        return accelerator.unwrap_model(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # FSDP runs only
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    encoder = rebuild().to(accelerator.device)
     encoder.load_state_dict(state)
     return encoder
 

@@ -30,12 +30,10 @@ from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 from textcl.config import TrainConfig
-from textcl.errors import TextclError
 from textcl.losses.distributed import max_over_processes
 from textcl.losses.gradcache import gradcache_backward, split_batch
 from textcl.losses.queue import MomentumEncoder, NegativeQueue
 from textcl.model.encoder import Encoder
-from textcl.training.parallel import shards_parameters
 from textcl.training.statistics import contrastive_stats
 
 Features = dict[str, Tensor]
@@ -144,9 +142,6 @@ class StepRunner:
         self.momentum, self.guide = momentum, guide
         self.queue = None
         if momentum is not None:
-            if shards_parameters(accelerator):
-                raise TextclError("queue_size (a momentum encoder) needs every weight on every process: it does not "
-                                  "work with FSDP or DeepSpeed ZeRO-3; use DDP or ZeRO-2, or set queue_size: 0")
             # Built before accelerate.prepare; DDP has since broadcast rank 0's weights, which differ from this
             # process's own wherever a head was initialised fresh (Dense, MLP head, LoRA): start from those.
             momentum.copy_from(accelerator.unwrap_model(model))

@@ -38,9 +38,10 @@ from textcl.training.checkpoint import (
     save_checkpoint,
 )
 from textcl.training.parallel import (
+    apply_launch_config,
     collective_failures,
+    evaluation_encoder,
     full_encoder,
-    honour_launch_config,
     process_group_kwargs,
     shard_batches,
 )
@@ -92,13 +93,13 @@ class Trainer:
             self.precision, why = "fp16", "fp16: true"
         self.accelerator = Accelerator(
             cpu=use_cpu,
-            mixed_precision=None if self.precision == "fp32" else self.precision,
+            mixed_precision="no" if self.precision == "fp32" else self.precision,  # not the launch config's
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=args.report_to or None,
             project_dir=str(self.output_dir),
             kwargs_handlers=process_group_kwargs(args.ddp_timeout),
         )
-        honour_launch_config(self.accelerator)
+        apply_launch_config(self.accelerator, config)
         if self.accelerator.is_main_process:
             print(f"textcl: training in {self.precision} ({why})")
         set_seed(args.seed, device_specific=True)
@@ -155,7 +156,8 @@ class Trainer:
             return {}
         from textcl.evaluation.suite import evaluate  # only with eval sets: training never loads faiss and scipy
 
-        return evaluate(self.unwrapped(), sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split)
+        encoder = evaluation_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
+        return evaluate(encoder, sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -248,11 +250,11 @@ class Trainer:
             self.log({"step": self.position.step, **metrics})
             self.keep_best(metrics)
         best = self.output_dir / "best_model"
-        keep_best = bool(self.config.training.metric_for_best_model) and self.position.best_metric is not None
-        if not keep_best:
+        kept_best = bool(self.config.training.metric_for_best_model) and self.position.best_metric is not None
+        if not kept_best:
             self.save_model(self.output_dir)
         if self.accelerator.is_main_process:
-            if keep_best:
+            if kept_best:
                 for item in best.iterdir():
                     target = self.output_dir / item.name
                     if target.is_dir():
