@@ -146,8 +146,22 @@ class TrainingArguments:
         metadata={"help": "Embed each group in length-sorted chunks of this many rows, each padded to its own "
                   "longest text (the loss still sees the whole batch). Default: 32 on CPU, 0 (whole groups) on GPU."},
     )
-    gradient_checkpointing: bool = False
-    torch_compile: bool = False
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute each layer's activations in the backward instead of keeping "
+                                 "them: less memory, about a third more compute."}
+    )
+    torch_compile: bool = field(
+        default=False, metadata={"help": "Compile the transformer with torch.compile (inductor); the first steps "
+                                 "pay the compilation."}
+    )
+    torch_compile_backend: str = field(
+        default="inductor", metadata={"help": "torch.compile backend: inductor (generated kernels), aot_eager "
+                                      "(graph capture only; fast to compile), ..."}
+    )
+    ddp_timeout: int = field(
+        default=1800, metadata={"help": "Seconds a multi-process collective may wait: when a process dies or "
+                                "stalls, the others stop after this long with one line naming the step."}
+    )
     dataloader_drop_last: bool = False
     logging_steps: int = 10
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers: tensorboard, wandb, ..."})

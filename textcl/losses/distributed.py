@@ -1,4 +1,5 @@
-"""The only place textcl calls `torch.distributed`: gathering rows across processes with gradients.
+"""The only place textcl calls `torch.distributed`: gathering rows across processes with gradients, and
+agreeing on a few integers (`max_over_processes`).
 
 Gradient semantics (why N processes x batch B equals 1 process x batch N*B): process r computes
 `loss_r` from its local anchors against the candidates of every process. The single-process loss is
@@ -34,11 +35,25 @@ def batch_sizes(size: int, device: torch.device) -> list[int]:
     return [int(s.item()) for s in sizes]
 
 
+def max_over_processes(values: list[int], device: torch.device) -> list[int]:
+    """The element-wise maximum of `values` over all processes (one tiny all_reduce); `values` when not distributed.
+
+    Every process must call it at the same point with a list of the same length. It is how processes agree on
+    work whose amount depends on their local data (e.g. how many forwards a step makes) before doing it.
+    """
+    if world()[1] == 1:
+        return list(values)
+    local = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return [int(value) for value in local.tolist()]
+
+
 def gather_rows(tensor: Tensor, sizes: list[int]) -> Tensor:
     """Concatenate every process's `tensor` `[sizes[r], ...]` into `[sum(sizes), ...]`, in rank order.
 
     Tensors that require grad keep it: the backward sums the gradients of all processes into the
     owner's rows (reduce-scatter). Batches of unequal size are padded to the largest, then trimmed.
+    Whether `tensor` requires grad must be the same on every process: that backward is a collective too.
     """
     if len(sizes) == 1:
         return tensor

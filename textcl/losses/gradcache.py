@@ -13,7 +13,7 @@ point of GradCache is that the full-batch graph never exists. So the two passes 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -78,6 +78,7 @@ def gradcache_backward(
     chunk_size: int,
     backward: Callable[[Tensor], None] | None = None,
     no_sync: Callable[[], AbstractContextManager] | None = None,
+    padding: Sequence[dict[str, Tensor]] = (),
 ) -> Tensor:
     """Accumulate into the parameters' `.grad` the gradient of `loss_fn` over whole `groups`; return the loss, detached.
 
@@ -90,7 +91,9 @@ def gradcache_backward(
             accumulation, fp16 loss scale) then reaches every parameter through the cached gradients.
         no_sync: context that skips DDP's gradient all-reduce (e.g. `lambda: accelerator.no_sync(model)`);
             used for all chunks but the last, whose backward then all-reduces the accumulated gradients.
-            Under DDP every process must have the same number of chunks (equal per-process batch sizes).
+        padding: extra chunks embedded in both passes after the groups' own; their outputs enter no loss and
+            their backward carries zero gradients. Under DDP, FSDP or ZeRO-3 every forward is a collective, so
+            every process must make as many as the others: processes with fewer chunks pass the difference here.
     """
     if chunk_size < 1:
         raise TextclError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -99,13 +102,14 @@ def gradcache_backward(
     chunked = [split_batch(group, chunk_size) for group in groups]
     states, outputs = [], []
     with torch.no_grad():
-        for chunks in chunked:
+        for chunks in [*chunked, list(padding)]:
             group_states, group_outputs = [], []
             for chunk in chunks:
                 group_states.append(RngState.capture())
                 group_outputs.append(embed(**chunk))
             states.append(group_states)
             outputs.append(group_outputs)
+    padding_states, padding_outputs = states.pop(), outputs.pop()
     embeddings = [torch.cat(parts).requires_grad_() for parts in outputs]
     with torch.enable_grad():
         loss = loss_fn(embeddings)
@@ -117,6 +121,7 @@ def gradcache_backward(
     for chunks, group_states, parts, group in zip(chunked, states, outputs, embeddings):
         grads = group.grad.split([len(part) for part in parts])
         jobs.extend(zip(chunks, group_states, grads))
+    jobs.extend(zip(padding, padding_states, map(torch.zeros_like, padding_outputs)))
     for index, (chunk, state, grad) in enumerate(jobs):
         sync = nullcontext() if no_sync is None or index == len(jobs) - 1 else no_sync()
         with sync, state.replay(), torch.enable_grad():

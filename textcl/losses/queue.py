@@ -31,6 +31,12 @@ class MomentumEncoder(nn.Module):
         """Tokenized batch `[B, seq]` -> keys `[B, dim]`, without gradient."""
         return self.average.module(**batch)
 
+    @torch.no_grad()
+    def copy_from(self, encoder: nn.Module) -> None:
+        """Make the keys' encoder equal to `encoder` (unwrapped), e.g. once DDP has broadcast rank 0's weights:
+        heads initialised fresh (a Dense layer, an MLP head, LoRA) start different on every process until then."""
+        self.average.module.load_state_dict(encoder.state_dict())
+
     def update(self, encoder: nn.Module) -> None:
         """One EMA step towards the online `encoder` (unwrap DDP first: pass the bare Encoder)."""
         self.average.update_parameters(encoder)

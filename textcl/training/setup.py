@@ -1,4 +1,5 @@
-"""Building the pieces of a run from its config: encoder, loss, helpers (momentum encoder, guide) and optimizer.
+"""Building the pieces of a run from its config: encoder, loss, helpers (momentum encoder, guide), optimizer, and
+the training options that change how the encoder computes (gradient checkpointing, torch.compile).
 The data is built by `textcl.data.loader.build_training_data`."""
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from textcl.config import LossArguments, ModelArguments, TrainingArguments
+from textcl.config import LossArguments, ModelArguments, TrainConfig, TrainingArguments
+from textcl.errors import TextclError
 from textcl.losses.infonce import InfoNCELoss
 from textcl.losses.matryoshka import MatryoshkaLoss
 from textcl.losses.queue import MomentumEncoder
@@ -43,7 +45,33 @@ def build_encoder(args: ModelArguments) -> Encoder:
     if args.lora:
         add_lora(encoder, args.model_name_or_path, args.lora_r, args.lora_alpha, args.lora_dropout,
                  args.lora_target_modules)  # after set_dropout, which would otherwise also reset lora_dropout
+    # The transformer's layer classes, which accelerate's FSDP shards one by one (fsdp_auto_wrap_policy:
+    # TRANSFORMER_BASED_WRAP reads them from the wrapped model, here the Encoder).
+    base = encoder.model.get_base_model() if is_adapter(encoder.model) else encoder.model
+    encoder._no_split_modules = list(getattr(base, "_no_split_modules", None) or [])
     return encoder
+
+
+def check_training_options(encoder: Encoder, config: TrainConfig) -> None:
+    """Stop before any data is read when gradient_checkpointing or torch_compile cannot work with this model."""
+    model = encoder.model.get_base_model() if is_adapter(encoder.model) else encoder.model
+    if config.training.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise TextclError(f"gradient_checkpointing: {type(model).__name__} does not support it; set "
+                          "gradient_checkpointing: false")
+
+
+def apply_training_options(encoder: Encoder, args: TrainingArguments) -> None:
+    """Turn on `gradient_checkpointing` and `torch_compile` on the encoder's transformer (in place).
+
+    Checkpointing is transformers' own, non-reentrant: it works with frozen inputs (LoRA) and restores the
+    RNG before recomputing, so dropout draws the same masks and the gradients are those of plain backprop.
+    Compiling uses `nn.Module.compile`, which keeps the module, its class and its state_dict keys, so DDP,
+    saving and checkpoints see the plain model; shapes are compiled dynamic (every chunk has its own length).
+    """
+    if args.gradient_checkpointing:
+        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.torch_compile:
+        encoder.model.compile(dynamic=True, backend=args.torch_compile_backend)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

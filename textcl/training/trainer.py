@@ -32,6 +32,7 @@ from textcl.hub.model_card import TrainingRun, write_model_card
 from textcl.hub.push import push_to_hub, require_token
 from textcl.io.atomic import check_free_space, exclusive_lock, write_folder, write_text_atomically
 from textcl.model.device import default_device
+from textcl.model.encoder import Encoder
 from textcl.model.lora import is_adapter, merged
 from textcl.model.precision import resolve_precision
 from textcl.training.checkpoint import (
@@ -55,17 +56,35 @@ from textcl.training.guards import (
     step_is_finite,
     training_warnings,
 )
-from textcl.training.setup import build_encoder, build_helpers, build_loss, build_optimizer
-from textcl.training.step import StepRunner
+from textcl.training.parallel import (
+    apply_launch_config,
+    collective_failures,
+    evaluation_encoder,
+    full_encoder,
+    process_group_kwargs,
+    shard_batches,
+)
+from textcl.training.setup import (
+    apply_training_options,
+    build_encoder,
+    build_helpers,
+    build_loss,
+    build_optimizer,
+    check_training_options,
+)
+from textcl.training.step import StepRunner, optimizer_step
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
+    """Optimizer steps of the run: max_steps, else the epochs' worth. accelerate also steps at the end of every
+    epoch, so an epoch of n batches takes ceil(n / gradient_accumulation_steps) steps (as in transformers)."""
     args = config.training
     if args.max_steps > 0:
         return args.max_steps
     if batches_per_epoch is None:
         raise TextclError("streaming data has no length: set max_steps")
-    return max(1, math.ceil(args.num_train_epochs * batches_per_epoch / args.gradient_accumulation_steps))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
 
 
 def lookup(metrics: dict[str, Any], dotted: str) -> float:
@@ -93,11 +112,13 @@ class Trainer:
             self.precision, why = "fp16", "fp16: true"
         self.accelerator = Accelerator(
             cpu=use_cpu,
-            mixed_precision=None if self.precision == "fp32" else self.precision,
+            mixed_precision="no" if self.precision == "fp32" else self.precision,  # not the launch config's
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=args.report_to or None,
             project_dir=str(self.output_dir),
+            kwargs_handlers=process_group_kwargs(args.ddp_timeout),
         )
+        apply_launch_config(self.accelerator, config)
         if self.accelerator.is_main_process:
             print(f"textcl: training in {self.precision} ({why})")
         set_seed(args.seed, device_specific=True)
@@ -106,6 +127,7 @@ class Trainer:
             prepare_output_dir(self.output_dir, args.overwrite_output_dir, resuming)
         self.accelerator.wait_for_everyone()
         self.encoder = build_encoder(config.model)
+        check_training_options(self.encoder, config)
         with self.accelerator.main_process_first():
             self.data = build_training_data(
                 config.data, tokenizer=self.encoder.tokenizer, max_seq_length=self.encoder.max_seq_length,
@@ -116,9 +138,10 @@ class Trainer:
         self.loss = build_loss(config.loss)
         self.optimizer = build_optimizer(self.encoder, self.loss, args)
         momentum, guide = build_helpers(config.loss, self.encoder, self.accelerator.device)
+        apply_training_options(self.encoder, args)  # after build_helpers: the momentum copy stays uncompiled
         self.model, self.optimizer = self.accelerator.prepare(self.encoder, self.optimizer)
         streaming = config.data.streaming  # streams are split between processes by the data, not by accelerate
-        self.prepared_loader = self.data.loader if streaming else self.accelerator.prepare(self.data.loader)
+        self.prepared_loader = self.data.loader if streaming else shard_batches(self.accelerator, self.data.loader)
         self.loss = self.loss.to(self.accelerator.device)
         batches = None if streaming else len(self.prepared_loader)
         self.max_steps = total_steps(config, batches)
@@ -159,7 +182,8 @@ class Trainer:
             return {}
         from textcl.evaluation.suite import evaluate  # only with eval sets: training never loads faiss and scipy
 
-        return evaluate(self.unwrapped(), sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split)
+        encoder = evaluation_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
+        return evaluate(encoder, sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split)
 
     def saved_bytes(self) -> tuple[int, int]:
         """About how many bytes the final model and one checkpoint take (weights; Adam's two moments of the
@@ -190,8 +214,9 @@ class Trainer:
         sign = 1 if self.config.training.greater_is_better else -1
         if (best is None or sign * (value - best) > 0) and not self.weights_broken():
             self.position.best_metric = value
-            if self.accelerator.is_main_process:
-                write_folder(self.output_dir / "best_model", self.save_model, "the best model", self.model_bytes)
+            encoder = self.trained_encoder()
+            if encoder is not None:
+                write_folder(self.output_dir / "best_model", encoder.save, "the best model", self.model_bytes)
             self.accelerator.wait_for_everyone()
 
     def weights_broken(self) -> bool:
@@ -242,22 +267,23 @@ class Trainer:
             loader = self.prepared_loader
             if position.batches_in_epoch:
                 loader = accelerator.skip_first_batches(loader, position.batches_in_epoch)
-            for batch in loader:
+            for batch in self.steps.batches(loader):
                 with accelerator.accumulate(self.model):
                     loss = self.steps.backward(batch)
                     finite = not accelerator.sync_gradients or not any_process(
                         accelerator, not step_is_finite(loss, self.gradients()))
-                    if finite:  # a non-finite step's gradients are discarded (see textcl.training.guards)
-                        self.optimizer.step()
+                    # a non-finite step's gradients are discarded (see textcl.training.guards); an fp16
+                    # overflow is skipped by the gradient scaler itself
+                    stepped = finite and optimizer_step(accelerator, self.optimizer)
                     self.optimizer.zero_grad(set_to_none=True)
                 position.batches_in_epoch += 1
                 samples += batch["anchor"]["input_ids"].shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
-                self.scheduler.step()
-                if self.guard.observe(position.step + 1, finite):
-                    self.steps.after_optimizer_step()
-                elif accelerator.is_main_process:
+                if stepped:
+                    self.scheduler.step()
+                loss = self.steps.end_step(skipped=not stepped)
+                if not self.guard.observe(position.step + 1, finite) and accelerator.is_main_process:
                     tqdm.write(f"textcl: warning: step {position.step + 1}: non-finite loss or gradient; update "
                                f"skipped ({len(self.guard.streak)} of {self.guard.max_steps} in a row stop the run)",
                                file=sys.stderr)
@@ -265,7 +291,7 @@ class Trainer:
                 bar.update(1)
                 if position.step % args.logging_steps == 0 or position.step == self.max_steps:
                     rate = samples / (time.perf_counter() - started)
-                    record = {"step": position.step, "epoch": position.epoch, "loss": loss.item(),
+                    record = {"step": position.step, "epoch": position.epoch, "loss": loss,
                               "learning_rate": self.scheduler.get_last_lr()[0], "samples_per_second": rate}
                     record |= self.steps.statistics()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
@@ -309,8 +335,9 @@ class Trainer:
             last = self.guard.last_checkpoint or "none was written"
             raise TextclError(f"the trained weights hold non-finite values (NaN or inf){where}; no model saved "
                               f"(the last good checkpoint: {last}); lower learning_rate or set max_grad_norm")
+        encoder = None if keep_best else self.trained_encoder()
         if self.accelerator.is_main_process:
-            self.install_model(metrics, best if keep_best else None)
+            self.install_model(metrics, encoder, best if keep_best else None)
             self.write_run_file(metrics)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
@@ -321,15 +348,16 @@ class Trainer:
             print(f"pushed {self.output_dir} to {url}")
         return metrics
 
-    def install_model(self, metrics: dict[str, Any], best: Path | None) -> None:
-        """Write the final model (or the kept best one) and its card into output_dir, never half a model."""
+    def install_model(self, metrics: dict[str, Any], encoder: Encoder | None, best: Path | None) -> None:
+        """Write the final model (`encoder`, or the kept `best` folder) and its card into output_dir, never half a
+        model. Main process only."""
         last = self.guard.last_checkpoint
         fix = "free some space, then " + (f"resume with --resume_from_checkpoint latest ({Path(last).name} is intact)"
                                           if last else "rerun (no checkpoint was written: set save_steps to keep one)")
 
         def write(staging: Path) -> None:
             if best is None:
-                self.save_model(staging)
+                encoder.save(staging)
             else:
                 link_or_copy_tree(best, staging)
             self.write_card(metrics, staging)
@@ -338,12 +366,13 @@ class Trainer:
         if best is not None:
             shutil.rmtree(best)
 
-    def save_model(self, path: Path) -> None:
-        """Save the trained encoder; with `lora_merge`, a copy with the adapter merged into full weights."""
-        encoder = self.unwrapped()
-        if self.config.model.lora_merge:
+    def trained_encoder(self) -> Encoder | None:
+        """The encoder to save on the main process (None on the others); with `lora_merge`, a copy with the
+        adapter merged into full weights. Every process calls it: sharded weights are gathered first."""
+        encoder = full_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
+        if encoder is not None and self.config.model.lora_merge:
             encoder = merged(encoder)
-        encoder.save(path)
+        return encoder
 
     def saved_evaluation(self, metrics: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         """(evaluation, step) of the saved model: the final `metrics`, or, when metric_for_best_model kept an
@@ -384,4 +413,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
     with lock if first_process else contextlib.nullcontext():
-        return Trainer(config).train()
+        trainer = Trainer(config)
+        with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps),
+                                 config.training.ddp_timeout):
+            return trainer.train()
