@@ -98,7 +98,7 @@ def load(port: int, queries: list[str], total: int, clients: int, max_seconds: f
                 elapsed = time.perf_counter() - start
                 with lock:
                     latencies.append(elapsed)
-        except Exception as error:  # reported below; the run fails
+        except Exception as error:  # noqa: BLE001 - reported below; the run fails
             errors.append(repr(error))
         finally:
             connection.close()

@@ -31,17 +31,17 @@ import pytest
 from conftest import SENTENCES
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
-import uvicorn  # noqa: E402
+import uvicorn
 
-from textcl import Encoder  # noqa: E402
-from textcl.cli import main  # noqa: E402
-from textcl.errors import TextclError  # noqa: E402
-from textcl.retrieval.search_index import SearchIndex  # noqa: E402
-from textcl.serving.app import create_app  # noqa: E402
-from textcl.serving.batcher import MicroBatcher  # noqa: E402
-from textcl.serving.server import bind  # noqa: E402
-from textcl.serving.service import SearchService  # noqa: E402
-from textcl.serving.store import LOG_NAME, SNAPSHOT_DIR, DurableIndex, read_log  # noqa: E402
+from textcl import Encoder
+from textcl.cli import main
+from textcl.errors import TextclError
+from textcl.retrieval.search_index import SearchIndex
+from textcl.serving.app import create_app
+from textcl.serving.batcher import MicroBatcher
+from textcl.serving.server import bind
+from textcl.serving.service import SearchService
+from textcl.serving.store import LOG_NAME, SNAPSHOT_DIR, DurableIndex, read_log
 
 QUERIES = ["someone plays an instrument", "animals in the snow", "financial news", "a book"]
 IDS = [f"doc-{i}" for i in range(len(SENTENCES))]
@@ -254,7 +254,7 @@ def test_concurrent_queries_share_forwards_and_equal_one_at_a_time(index_dir: Pa
                      batch_wait_ms=batch_wait_ms) as (url, service):
             start = threading.Barrier(len(queries))
 
-            def ask(query: str) -> tuple[str, Any]:
+            def ask(query: str, start: threading.Barrier = start, url: str = url) -> tuple[str, Any]:
                 start.wait(10)
                 return query, call(f"{url}/search", "POST", {"query": query, "k": 3})
 
@@ -494,10 +494,10 @@ def start_process(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"the server did not start: {log.read_text()}")
 
 
-def stream_writes(url: str, prefix: str, deletable: list[str], stop: threading.Event) -> tuple[set[str], set[str]]:
-    """Add (and delete) documents from 4 clients until `stop` or the server dies; returns the acknowledged added
-    and deleted ids."""
-    added, deleted = set(), set()
+def stream_writes(url: str, prefix: str, deletable: list[str], stop: threading.Event, added: set[str],
+                  deleted: set[str]) -> None:
+    """Add (and delete) documents from 4 clients until `stop` or the server dies, recording the acknowledged
+    ids in `added` and `deleted` as the answers come."""
     lock = threading.Lock()
 
     def client(n: int) -> None:
@@ -507,8 +507,7 @@ def stream_writes(url: str, prefix: str, deletable: list[str], stop: threading.E
             ids = [f"{prefix}-{n}-{i}-{j}" for j in range(1 + i % 3)]
             body = [{"id": key, "text": f"streamed document {key} about topic {i % 7}"} for key in ids]
             try:
-                status, _, _ = call(f"{url}/documents", "POST", body)
-                if status == 201:
+                if call(f"{url}/documents", "POST", body)[0] == 201:
                     with lock:
                         added.update(ids)
                 if deletable and n == 0 and i % 2:
@@ -524,7 +523,6 @@ def stream_writes(url: str, prefix: str, deletable: list[str], stop: threading.E
         thread.start()
     for thread in threads:
         thread.join(60)
-    return added, deleted
 
 
 @pytest.mark.slow
@@ -536,28 +534,31 @@ def test_sigkill_during_a_stream_of_writes_loses_nothing(model_dir: Path, tmp_pa
     corpus.write_text("\n".join(SENTENCES) + "\n")
     folder = tmp_path / "index"
     rng = np.random.default_rng(0)
-    all_added, all_deleted = set(), set()
+    all_added: set[str] = set()
+    all_deleted: set[str] = set()
     expected_count = len(SENTENCES)
     for round_ in range(2):
         source = [str(model_dir), "--corpus", str(corpus), "--out", str(folder)] if round_ == 0 else [str(folder)]
         process, url = start_process([*source, "--snapshot_every", "3"], tmp_path / f"server{round_}.log")
+        stop = threading.Event()
+        added: set[str] = set()
+        deleted: set[str] = set()
+        deletable = sorted(all_added - all_deleted) or [str(n) for n in range(1, len(SENTENCES) + 1)]
+        writer = threading.Thread(target=stream_writes, args=(url, f"r{round_}", deletable, stop, added, deleted))
         try:
             assert call(f"{url}/health")[1]["documents"] == expected_count, "the server replays as DurableIndex.open"
-            stop = threading.Event()
-            deletable = sorted(all_added - all_deleted) or [str(n) for n in range(1, len(SENTENCES) + 1)]
-            result: dict[str, tuple[set[str], set[str]]] = {}
-            writer = threading.Thread(target=lambda: result.setdefault("r", stream_writes(url, f"r{round_}",
-                                                                                          deletable, stop)))
             writer.start()
-            time.sleep(1.0 + rng.uniform(0, 1.5))
+            deadline = time.monotonic() + 60
+            while len(added) < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, 1.0))  # then a moment that differs from round to round
             os.kill(process.pid, signal.SIGKILL)
             process.wait(30)
-            stop.set()
-            writer.join(60)
         finally:
+            stop.set()
             process.kill()
-        added, deleted = result["r"]
-        assert len(added) >= 5, f"only {len(added)} documents were acknowledged before the kill"
+        writer.join(60)
+        assert not writer.is_alive() and len(added) >= 10, f"{len(added)} documents acknowledged before the kill"
         all_added |= added
         all_deleted |= deleted
         ids = DurableIndex.open(folder).index.ids.tolist()
@@ -613,13 +614,15 @@ def test_the_page_in_a_real_browser(index_dir: Path, model_dir: Path, tmp_path: 
             wait = WebDriverWait(browser, 20)
             wait.until(lambda b: "documents" in b.find_element(By.ID, "health").text)
             assert browser.find_element(By.ID, "health").text == (
-                f"{model_dir.name} · 32 dimensions · {len(SENTENCES) + 1} documents · Flat index (cosine)")
+                f"{model_dir.parent.name}/{model_dir.name} · 32 dimensions · {len(SENTENCES) + 1} documents · "
+                "Flat index (cosine)")
             k = browser.find_element(By.ID, "k")
             k.clear()
             k.send_keys("13")
-            browser.find_element(By.ID, "query").send_keys("the cat on a mat", Keys.ENTER)
+            query = "the cat sit on a mat window"
+            browser.find_element(By.ID, "query").send_keys(query, Keys.ENTER)
             wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .hit")) == len(SENTENCES) + 1)
-            expected = call(f"{url}/search", "POST", {"query": "the cat on a mat", "k": 13})[1]["results"][0]["hits"]
+            expected = call(f"{url}/search", "POST", {"query": query, "k": 13})[1]["results"][0]["hits"]
             rows = browser.find_elements(By.CSS_SELECTOR, "#results .hit")
             for rank, (row, hit) in enumerate(zip(rows, expected), start=1):
                 assert row.find_element(By.CLASS_NAME, "rank").text == str(rank)
@@ -628,11 +631,13 @@ def test_the_page_in_a_real_browser(index_dir: Path, model_dir: Path, tmp_path: 
                 assert row.find_element(By.CLASS_NAME, "text").text == hit["text"]
             xss = next(row for row, hit in zip(rows, expected) if hit["id"] == "xss")
             marked = [mark.text for mark in xss.find_elements(By.TAG_NAME, "mark")]
-            # whole words for short terms ("on" but not "onerror"), prefixes from 4 letters; "a" is too short
-            assert marked == ["The", "cat", "on", "the", "mat"], marked
+            # the query's words but "the", "on" and "a"; words under 4 letters whole ("sit" leaves "sits"), longer
+            # ones also as prefixes ("window" in "window.__pwned"), inside the markup shown as text too
+            assert marked == ["window", "cat", "window", "mat"], marked
             assert browser.execute_script("return window.__pwned") is None, "a document's markup ran"
             assert not browser.find_elements(By.CSS_SELECTOR, "#results script, #results img")
             assert re.fullmatch(r"13 results in \d+ ms", browser.find_element(By.ID, "status").text)
+            browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", xss)
             browser.save_screenshot(str(tmp_path / "page.png"))
             assert (tmp_path / "page.png").stat().st_size > 10_000
     finally:

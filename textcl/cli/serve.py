@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
+# Idle OpenMP threads (torch's) sleep instead of spinning: a server alternates short forwards with HTTP work on
+# the same cores, and spinning threads took 5-30x the CPU per query in bench/serve_load.py (bench/RESULTS.md).
+# It must be set before torch loads its OpenMP runtime, i.e. before the imports below; a value you set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from textcl.cli.options import add_device_option, defaults_of
 from textcl.errors import TextclError
 from textcl.serving.server import ServeSettings, serve

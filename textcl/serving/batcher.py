@@ -91,7 +91,7 @@ class MicroBatcher:
             self.batched_texts += sum(job.size for job in batch)
             try:
                 results = await loop.run_in_executor(self.executor, self.run_batch, [job.payload for job in batch])
-            except Exception as error:  # the batch's requests get the error; the worker goes on
+            except Exception as error:  # noqa: BLE001 - the batch's requests get the error; the worker goes on
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(error)

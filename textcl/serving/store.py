@@ -34,7 +34,7 @@ import torch
 
 from textcl.errors import TextclError
 from textcl.model.encoder import Encoder
-from textcl.retrieval.search_index import INDEX_FILES, SearchIndex
+from textcl.retrieval.search_index import SearchIndex
 
 LOG_NAME = "serve-log.jsonl"
 SNAPSHOT_DIR = ".snapshot"
