@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--docs", type=int, default=5000)
+    parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--sides", default="batched,single")
     parser.add_argument("--max_seconds", type=float, default=300, help="bound on one run's load phase")
     parser.add_argument("--work_dir", default="/tmp/textcl-bench-serve")

@@ -249,7 +249,7 @@ def test_concurrent_queries_share_forwards_and_equal_one_at_a_time(index_dir: Pa
     index = SearchIndex.load(index_dir)
     queries = [f"{QUERIES[i % 4]} {i}" for i in range(16)]
     expected = {query: index.search(query, k=3) for query in queries}
-    for max_batch_size, batch_wait_ms in [(64, 100.0), (1, 0.0)]:
+    for max_batch_size, batch_wait_ms in [(64, 300.0), (1, 0.0)]:
         with running(fresh_copy(index_dir, tmp_path / str(max_batch_size)), max_batch_size=max_batch_size,
                      batch_wait_ms=batch_wait_ms) as (url, service):
             start = threading.Barrier(len(queries))
@@ -266,21 +266,21 @@ def test_concurrent_queries_share_forwards_and_equal_one_at_a_time(index_dir: Pa
             mean = call(f"{url}/health")[1]["mean_batch_size"]
             if max_batch_size == 1:
                 assert mean == 1.0 and service.batcher.batches == len(queries)
-            else:  # a 100 ms window gathers requests sent together: far fewer forwards than queries
+            else:  # a 300 ms window gathers requests sent together: far fewer forwards than queries
                 assert mean >= 4 and service.batcher.batches <= len(queries) // 4, service.batcher.batches
 
 
 def test_the_encoder_never_blocks_the_event_loop(index_dir: Path, tmp_path: Path) -> None:
-    """While a forward takes 1.5 s, /health still answers at once."""
+    """While a forward takes 3 s, /health still answers at once (a blocked loop would answer after ~2.7 s)."""
     with running(fresh_copy(index_dir, tmp_path)) as (url, service):
-        slow = service.index.require_encoder().model.register_forward_hook(lambda *_: time.sleep(1.5))
+        slow = service.index.require_encoder().model.register_forward_hook(lambda *_: time.sleep(3))
         with ThreadPoolExecutor(1) as pool:
             searching = pool.submit(call, f"{url}/search", "POST", {"query": "slow"})
             time.sleep(0.3)
             assert not searching.done()
             start = time.perf_counter()
             assert call(f"{url}/health")[0] == 200
-            assert time.perf_counter() - start < 0.5
+            assert time.perf_counter() - start < 1.5
             assert searching.result(timeout=30)[0] == 200
         slow.remove()
 
