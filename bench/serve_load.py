@@ -8,9 +8,9 @@ The index holds --docs unlabeled sentences encoded by all-MiniLM-L6-v2 (fp32, CP
 process (`textcl serve INDEX --port 0 --device cpu`, "batched" with the default settings, "single" with
 --max_batch_size 1, i.e. one query per encoder forward), warms it up, then --clients threads each keep
 one HTTP connection to 127.0.0.1 and send POST /search {"query", "k": 10} until --queries have been
-answered; latency is measured per request by the client. Sides alternate order between repeats (the
-machine is shared: compare within a repeat). Traffic goes to 127.0.0.1 only; every run is bounded by
---max_seconds, and the server is stopped after each run.
+answered; latency is measured per request by the client, and the server's CPU time per query by psutil.
+Sides alternate order between repeats (the machine is shared: compare within a repeat). Traffic goes to
+127.0.0.1 only; every run is bounded by --max_seconds, and the server is stopped after each run.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from common import SHARED, minilm_path, sentences
 
 HOST = "127.0.0.1"  # loopback only
@@ -148,7 +149,10 @@ def main() -> None:
                 for query in queries[:20]:
                     request(warm, "POST", "/search", {"query": query, "k": 10})
                 warm.close()
+                before = psutil.Process(server.pid).cpu_times()
                 result = load(port, queries, args.queries, args.clients, args.max_seconds)
+                after = psutil.Process(server.pid).cpu_times()
+                result["cpu_ms"] = 1000 * (after.user + after.system - before.user - before.system) / args.queries
                 health = http.client.HTTPConnection(HOST, port, timeout=60)
                 result["mean_batch"] = request(health, "GET", "/health")["mean_batch_size"]
                 health.close()
@@ -156,7 +160,8 @@ def main() -> None:
                 stop_server(server)
             rows[side].append(result)
             print(f"repeat {repeat + 1} {side:>8}: {result['qps']:7.1f} queries/s  p50 {result['p50_ms']:6.1f} ms  "
-                  f"p99 {result['p99_ms']:6.1f} ms  mean batch {result['mean_batch']:.1f}  ({result['wall_s']:.1f} s)",
+                  f"p99 {result['p99_ms']:6.1f} ms  mean batch {result['mean_batch']:.1f}  "
+                  f"server CPU {result['cpu_ms']:.1f} ms/query  ({result['wall_s']:.1f} s)",
                   flush=True)
     if {"batched", "single"} <= set(rows):
         ratios = [b["qps"] / s["qps"] for b, s in zip(rows["batched"], rows["single"])]
