@@ -25,6 +25,7 @@ COMMANDS = {
     "mine": ("mine", "configure", "run", "mine hard negatives for (anchor, positive) pairs with FAISS"),
     "index": ("search", "configure_index", "run_index", "build a FAISS search index of a corpus"),
     "search": ("search", "configure_search", "run_search", "query a search index built by `textcl index`"),
+    "serve": ("serve", "configure", "run", "serve a search index over HTTP, with a web page (extra: textcl[serve])"),
     "push": ("hub", "configure_push", "run_push", "upload a model folder to the Hugging Face Hub"),
     "merge": ("hub", "configure_merge", "run_merge", "merge a LoRA adapter folder into a full model folder"),
 }

@@ -102,5 +102,7 @@ def run(model: str | None = None, output_dir: str = "textcl-demo") -> dict[str, 
     for name in METRICS:
         print(f"{name:<12}{before[name]:>9.4f}{after[name]:>9.4f}")
     print(f"\nThe trained model is in {output_dir}/ (a sentence-transformers folder). Try:\n"
-          f"  textcl index {output_dir} --corpus YOUR_TEXTS.txt --out my-index && textcl search my-index \"a query\"")
+          f"  textcl index {output_dir} --corpus YOUR_TEXTS.txt --out my-index && textcl search my-index \"a query\"\n"
+          f"  textcl serve {output_dir} --corpus YOUR_TEXTS.txt   # a search API and page on http://127.0.0.1:8000 "
+          f"(pip install \"textcl[serve]\")")
     return {"before": before, "after": after}

@@ -216,3 +216,44 @@ class SearchIndex:
             k = size
         scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         return Hits(self.id_lookup[rows], scores, self.text_lookup[rows])
+
+    # What `textcl.serving` needs: query vectors without the search, pre-encoded adds, and removal by id.
+    def encode_queries(self, queries: Sequence[str], batch_size: int = ENCODE_BATCH_SIZE) -> np.ndarray:
+        """Query embeddings `[n_queries, dim]`, encoded as `search` encodes them (the index's query prompt,
+        truncation, normalization and precision)."""
+        return self.require_encoder().encode(
+            list(queries), batch_size=batch_size, prompt_name=self.meta["query_prompt_name"],
+            normalize=self.meta["normalize"], max_seq_length=self.meta["query_max_length"],
+            precision=self.meta["precision"],
+        )
+
+    def add_vectors(self, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Append documents already encoded with `encode_docs` (`vectors` `[n, dim]`); ids must be new."""
+        ids, texts = [str(i) for i in ids], list(texts)
+        check_ids(ids, texts, self.ids.tolist())
+        if vectors.shape != (len(ids), self.index.d):
+            raise TextclError(f"got vectors of shape {vectors.shape} for {len(ids)} documents of dimension {self.index.d}")
+        self.append(ids, texts)
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    @property
+    def removable(self) -> bool:
+        """Whether `remove` works here: faiss renumbers the rows of flat-code indexes (Flat, SQ, PQ) when it
+        removes some, which keeps them aligned with `ids`; IVF indexes keep stale numbers and HNSW cannot remove."""
+        return isinstance(faiss.downcast_index(self.index), faiss.IndexFlatCodes)
+
+    def remove(self, ids: Sequence[str]) -> None:
+        """Drop the documents with these ids (each must be indexed); the others keep their order."""
+        position = {key: row for row, key in enumerate(self.ids)}
+        unknown = [key for key in ids if key not in position]
+        if unknown:
+            raise TextclError(f"no document has the id {unknown[0]!r}")
+        if not self.removable:
+            raise TextclError(f"a {self.meta['factory']} index cannot remove documents; rebuild it without them, "
+                              "or use a Flat, SQ or PQ index")
+        rows = np.array(sorted({position[key] for key in ids}), dtype=np.int64)
+        self.index.remove_ids(rows)
+        keep = np.ones(len(position), dtype=bool)
+        keep[rows] = False
+        self.id_lookup = with_sentinel(self.ids[keep].tolist())
+        self.text_lookup = with_sentinel(self.texts[keep].tolist())

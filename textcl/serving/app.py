@@ -1,0 +1,196 @@
+"""The HTTP API of `textcl serve` (FastAPI): search, embed, add, delete, health, and the web page.
+
+Every error is JSON `{"detail": "one line"}` with a 4xx status that says whose fault it is: 422 for a body
+that parses but breaks the schema (empty query, k out of range, wrong type), 400 for one that does not
+parse (not JSON, not UTF-8), 415 for a body not sent as JSON, 413 over the size limit, 401/403 for a
+missing/wrong API key on a write, 404 for an unknown id, 409 for a duplicate id. OpenAPI docs are at /docs.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the annotations of the routes defined inside
+# create_app, and a string annotation could not see the local `bearer` they depend on.
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from typing import Annotated, Any
+
+from textcl.errors import TextclError
+
+try:
+    from fastapi import Depends, FastAPI, Path, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel
+    from starlette.datastructures import Headers
+    from starlette.exceptions import HTTPException
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ModuleNotFoundError as missing:
+    raise TextclError(f"textcl serve needs {missing.name}: pip install \"textcl[serve]\"") from missing
+
+from textcl import __version__
+from textcl.serving.schemas import (
+    AddResponse,
+    DeleteResponse,
+    Documents,
+    EmbedRequest,
+    EmbedResponse,
+    Error,
+    Health,
+    SearchRequest,
+    SearchResponse,
+)
+from textcl.serving.service import SearchService
+from textcl.serving.store import DuplicateIdError, NotRemovableError, UnknownIdError
+
+PAGE = files("textcl.serving").joinpath("page.html").read_text(encoding="utf-8")
+STATUS_OF = {DuplicateIdError: 409, NotRemovableError: 409, UnknownIdError: 404}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 413, 415, 422)}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{code: {"model": Error} for code in (401, 403)}}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets a JSON 413. Starlette's own limit (FastAPI's
+    `max_body_size`) answers in plain text when Content-Length is over, and every error here is JSON."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_large()(scope, receive, send)
+        received = 0
+
+        async def limited() -> Message:  # a body sent in chunks, without Content-Length
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413)  # FastAPI passes an HTTPException raised while reading the body on
+            return message
+
+        await self.app(scope, limited, send)
+
+    def too_large(self) -> JSONResponse:
+        return error(413, f"the request body is larger than {self.max_bytes} bytes")
+
+
+def json_response(body: BaseModel) -> Response:
+    """`body` serialized once, by pydantic's compiled core: a route returning the model would have FastAPI
+    validate it again and serialize it in Python, which costs more than the search on short queries."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    """Pydantic's errors as one line: `k: Input should be greater than or equal to 1; ...`."""
+    parts = []
+    for item in exc.errors():
+        if item.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {item.get('ctx', {}).get('error', 'decode error')}"
+        loc = item.get("loc", ())
+        where = ".".join(str(part) for part in (loc[1:] if loc[:1] == ("body",) and len(loc) > 1 else loc))
+        message = str(item.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def create_app(service: SearchService, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The FastAPI app over `service`; writes need `Authorization: Bearer <api_key>` when a key is given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(
+        title="textcl search", version=__version__, lifespan=lifespan,
+        description="Semantic search over a textcl index. Writes need `Authorization: Bearer KEY` when the "
+        "server was started with --api-key-env.",
+    )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    bearer = HTTPBearer(auto_error=False, description="the key in the variable named by --api-key-env")
+
+    def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if api_key is None:
+            return
+        if credentials is None:
+            raise HTTPException(401, "writes need an API key: send the header Authorization: Bearer KEY",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(credentials.credentials.encode("utf-8"), api_key.encode("utf-8")):
+            raise HTTPException(403, "wrong API key")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.method in ("POST", "PUT") and "json" not in request.headers.get("content-type", ""):
+            return error(415, "send the body as JSON, with the header Content-Type: application/json")
+        invalid_json = any(item.get("type") == "json_invalid" for item in exc.errors())
+        return error(400 if invalid_json else 422, describe_validation(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        if exc.status_code == 413:
+            detail = f"the request body is larger than {max_body_bytes} bytes"
+        elif isinstance(exc.__cause__, UnicodeDecodeError):
+            detail = f"the request body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
+        return error(exc.status_code, detail, exc.headers)
+
+    @app.exception_handler(TextclError)
+    async def on_textcl_error(request: Request, exc: TextclError) -> JSONResponse:
+        return error(STATUS_OF.get(type(exc), 400), str(exc))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get("/health")
+    async def health() -> Health:
+        index, batcher = service.index, service.batcher
+        return Health(
+            model=index.meta["model"], dimension=index.meta["dim"], documents=len(index.ids),
+            index_type=index.meta["factory"], metric=index.meta["metric"], max_batch_size=batcher.max_batch_size,
+            mean_batch_size=batcher.batched_texts / max(batcher.batches, 1), writes_need_key=api_key is not None,
+        )
+
+    @app.post("/search", response_model=SearchResponse, responses=ERRORS)
+    async def search(request: SearchRequest) -> Response:
+        """Top-k documents of each query, best first."""
+        queries = request.query
+        hits = await service.search(queries, request.k)
+        results = [
+            {"query": query, "hits": [{"id": i, "score": s, "text": t}
+                                      for i, s, t in zip(ids, scores.tolist(), texts) if i is not None]}
+            for query, ids, scores, texts in zip(queries, hits.ids, hits.scores, hits.texts)
+        ]
+        return json_response(SearchResponse.model_validate({"results": results}))
+
+    @app.post("/embed", response_model=EmbedResponse, responses=ERRORS)
+    async def embed(request: EmbedRequest) -> Response:
+        """Embeddings `[n_texts, dimension]` with the index's query or document settings."""
+        vectors = await service.embed(request.texts, request.kind)
+        return json_response(EmbedResponse(vectors=vectors.tolist(), dimension=vectors.shape[1]))
+
+    @app.post("/documents", status_code=201, responses={**WRITE_ERRORS, 409: {"model": Error}},
+              dependencies=[Depends(require_key)])
+    async def add_documents(documents: Documents) -> AddResponse:
+        """Add documents; they are on disk when this returns. An id already indexed is a 409."""
+        count = await service.add([doc.id for doc in documents], [doc.text for doc in documents])
+        return AddResponse(added=len(documents), documents=count)
+
+    @app.delete("/documents/{doc_id:path}", responses={**WRITE_ERRORS, 404: {"model": Error}, 409: {"model": Error}},
+                dependencies=[Depends(require_key)])
+    async def delete_document(doc_id: Annotated[str, Path(description="the document's id")]) -> DeleteResponse:
+        """Remove one document; the removal is on disk when this returns."""
+        count = await service.delete(doc_id)
+        return DeleteResponse(deleted=doc_id, documents=count)
+
+    return app
