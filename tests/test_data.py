@@ -193,7 +193,7 @@ def test_length_grouping_reduces_length_spread() -> None:
     lengths = np.random.default_rng(0).integers(1, 200, size=3200)
     grouped = NoDuplicatesBatchSampler(ids, 32, seed=0, lengths=lengths)
     plain = NoDuplicatesBatchSampler(ids, 32, seed=0)
-    spread = lambda sampler: np.mean([np.ptp(lengths[b]) for b in sampler])  # noqa: E731
+    spread = lambda sampler: np.mean([np.ptp(lengths[b]) for b in sampler])
     assert spread(grouped) < spread(plain) / 3
 
 

@@ -16,7 +16,6 @@ from scifact_fixtures import minilm, scifact, tiny_beir  # noqa: F401
 from scipy.stats import pearsonr, spearmanr
 
 from textcl import Encoder
-from textcl.retrieval import exact_search as exact_search_module
 from textcl.errors import TextclError
 from textcl.evaluation.geometry import alignment_uniformity
 from textcl.evaluation.retrieval import evaluate_retrieval
@@ -24,6 +23,7 @@ from textcl.evaluation.retrieval_metrics import retrieval_metrics
 from textcl.evaluation.sts import evaluate_sts
 from textcl.evaluation.suite import evaluate
 from textcl.io.beir import doc_text, load_beir
+from textcl.retrieval import exact_search as exact_search_module
 from textcl.retrieval.corpus_embeddings import encode_corpus
 from textcl.retrieval.exact_search import exact_search
 

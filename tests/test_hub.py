@@ -50,7 +50,7 @@ class FakeHub:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, answer = hub.answer(urlsplit(self.path).path, self.headers.get("Authorization"), body)
                 data = json.dumps(answer).encode()

@@ -83,6 +83,7 @@ def test_training_says_which_precision_auto_chose_and_the_card_records_it(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from conftest import SENTENCES
+
     from textcl.cli import main
 
     (tmp_path / "s.txt").write_text("\n".join(SENTENCES * 2) + "\n")

@@ -13,10 +13,10 @@ from scipy.stats import spearmanr
 from textcl import Encoder
 
 st = pytest.importorskip("sentence_transformers")
-from sentence_transformers.base.modules.dense import Dense  # noqa: E402
-from sentence_transformers.base.modules.normalize import Normalize  # noqa: E402
-from sentence_transformers.base.modules.transformer import Transformer  # noqa: E402
-from sentence_transformers.sentence_transformer.modules.pooling import Pooling  # noqa: E402
+from sentence_transformers.base.modules.dense import Dense
+from sentence_transformers.base.modules.normalize import Normalize
+from sentence_transformers.base.modules.transformer import Transformer
+from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last_token"])

@@ -28,6 +28,7 @@ COMMANDS = {
     "serve": ("serve", "configure", "run", "serve a search index over HTTP, with a web page (extra: textcl[serve])"),
     "push": ("hub", "configure_push", "run_push", "upload a model folder to the Hugging Face Hub"),
     "merge": ("hub", "configure_merge", "run_merge", "merge a LoRA adapter folder into a full model folder"),
+    "export": ("export", "configure", "run", "write a model as one ONNX graph (pooling inside), optionally int8"),
 }
 
 

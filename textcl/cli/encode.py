@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from textcl.cli.options import add_bf16_option, add_device_option, defaults_of, precision_of
+from textcl.cli.options import add_backend_options, add_bf16_option, add_device_option, defaults_of, precision_of
 from textcl.io.corpus import read_corpus
 from textcl.model.encoder import Encoder
 
@@ -26,11 +26,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", default=None, help="override the model's pooling mode")
     add_bf16_option(parser)
     add_device_option(parser)
+    add_backend_options(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     _, texts = read_corpus(args.input, what="input file")
-    encoder = Encoder.load(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length, device=args.device)
+    encoder = Encoder.load(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length, device=args.device,
+                           backend=args.backend, onnx_file=args.onnx_file)
     embeddings = encoder.encode(
         texts,
         batch_size=args.batch_size,

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.corpus:
         corpus = read_corpus(args.corpus)[1]
-    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device)
+    encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device, backend=args.backend,
+                           onnx_file=args.onnx_file)
     mined = mine_hard_negatives(
         encoder, anchors, positives, corpus, num_negatives=args.num_negatives, min_negatives=args.min_negatives,
         range_min=args.range_min, range_max=args.range_max, max_score_ratio=args.max_score_ratio,

@@ -13,8 +13,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from textcl.model.encoder import BACKENDS, Encoder
 from textcl.model.precision import BF16_SETTINGS, resolve_precision
 from textcl.retrieval.corpus_embeddings import default_cache_dir
+from textcl.retrieval.quantization import SCHEMES
 
 
 def defaults_of(function: Callable[..., Any]) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def add_encoding_options(
     parser.add_argument("--batch_size", type=int, default=defaults["batch_size"])
     add_bf16_option(parser)
     add_device_option(parser)
+    add_backend_options(parser)
     if cache_by_default:
         parser.add_argument("--cache_dir", default=None, help="embedding cache (default: ~/.cache/textcl/embeddings)")
         parser.add_argument("--no_cache", action="store_true", help="encode without reading or writing the cache")
@@ -51,6 +54,26 @@ def add_encoding_options(
         parser.add_argument("--cache_dir", default=None,
                             help="keep the corpus embeddings here (memory-mapped; reused by later runs)")
     parser.set_defaults(cache_by_default=cache_by_default, no_cache=False)
+
+
+def add_backend_options(parser: argparse.ArgumentParser, function: Callable[..., Any] = Encoder.load) -> None:
+    """--backend torch|onnx and --onnx_file, with the defaults of `function` (Encoder.load, or SearchIndex.load
+    whose default is the backend the index was built with)."""
+    defaults = defaults_of(function)
+    parser.add_argument("--backend", choices=BACKENDS, default=defaults["backend"],
+                        help="torch, or onnx: run the graph written by `textcl export` in onnxruntime")
+    parser.add_argument("--onnx_file", default=defaults["onnx_file"],
+                        help="with --backend onnx: the file in the model's onnx/ folder, e.g. model_qint8.onnx "
+                        "(default: model.onnx)")
+
+
+def add_quantize_options(parser: argparse.ArgumentParser, function: Callable[..., Any]) -> None:
+    """--quantize int8|binary and --rescore K (defaults from `function`)."""
+    defaults = defaults_of(function)
+    parser.add_argument("--quantize", choices=SCHEMES, default=defaults["quantize"],
+                        help="search quantized document vectors: int8 (4x smaller) or binary (32x smaller)")
+    parser.add_argument("--rescore", type=int, default=defaults["rescore"], metavar="K",
+                        help="with --quantize: fetch K x k candidates, rescore them with the float vectors")
 
 
 def add_bf16_option(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from textcl.cli.options import add_device_option, add_encoding_options, cache_dir_of, defaults_of, precision_of
+from textcl.cli.options import (
+    add_backend_options,
+    add_device_option,
+    add_encoding_options,
+    add_quantize_options,
+    cache_dir_of,
+    defaults_of,
+    precision_of,
+)
 from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock
 from textcl.io.corpus import read_corpus
@@ -29,6 +37,7 @@ def configure_index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search_params", default=defaults["search_params"],
                         help="faiss search parameters saved with the index")
     add_encoding_options(parser, SearchIndex.build)
+    add_quantize_options(parser, SearchIndex.build)
 
 
 def run_index(args: argparse.Namespace) -> None:
@@ -37,15 +46,17 @@ def run_index(args: argparse.Namespace) -> None:
     with exclusive_lock(out, what="the search index"):  # a second `textcl index` to --out is refused now
         ids, texts = read_corpus(args.corpus)
         model = Path(args.model).resolve() if Path(args.model).exists() else args.model
-        encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device)
+        encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device,
+                               backend=args.backend, onnx_file=args.onnx_file)
         index = SearchIndex.build(
             encoder, texts, ids, args.factory, model_path=model, query_max_length=args.query_max_length,
             query_prompt_name=args.query_prompt_name, document_prompt_name=args.document_prompt_name,
             search_params=args.search_params, batch_size=args.batch_size, precision=precision_of(args),
-            cache_dir=cache_dir_of(args), show_progress_bar=True,
+            cache_dir=cache_dir_of(args), show_progress_bar=True, quantize=args.quantize, rescore=args.rescore,
         )
         index.save(out, overwrite=args.overwrite)
-    print(f"wrote {args.out}: {len(ids)} documents, {encoder.dim} dimensions, {args.factory}")
+    kind = f"{args.quantize} (rescore {args.rescore})" if args.quantize else args.factory
+    print(f"wrote {args.out}: {len(ids)} documents, {encoder.dim} dimensions, {kind}")
 
 
 def configure_search(parser: argparse.ArgumentParser) -> None:
@@ -56,18 +67,21 @@ def configure_search(parser: argparse.ArgumentParser) -> None:
                         help="queries: a text file (one a line) or a table with a 'text' column")
     parser.add_argument("-k", type=int, default=defaults["k"], help="results per query")
     parser.add_argument("--search_params", default=None, help="override the saved faiss search parameters")
+    parser.add_argument("--rescore", type=int, default=defaults["rescore"], metavar="K",
+                        help="override a quantized index's rescore factor (0: off)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_device_option(parser)
+    add_backend_options(parser, SearchIndex.load)
 
 
 def run_search(args: argparse.Namespace) -> None:
     queries = list(args.query) + (read_corpus(args.queries, "queries file")[1] if args.queries else [])
     if not queries:
         raise TextclError("no query: pass one as an argument or a file with --queries FILE")
-    index = SearchIndex.load(args.index, device=args.device)
+    index = SearchIndex.load(args.index, device=args.device, backend=args.backend, onnx_file=args.onnx_file)
     if args.search_params is not None:
         set_search_params(index.index, args.search_params)
-    hits = index.search(queries, args.k)
+    hits = index.search(queries, args.k, rescore=args.rescore)
     results = [
         {"query": query, "hits": [{"id": i, "score": float(s), "text": t}
                                   for i, s, t in zip(ids, scores, texts) if i is not None]}

@@ -11,6 +11,7 @@ from textcl.io.beir import doc_text, load_beir
 from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
 from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus
 from textcl.retrieval.exact_search import exact_search
+from textcl.retrieval.quantization import build_quantized_index, check_quantization, quantized_search
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,19 @@ def evaluate_retrieval(
     allow_missing: bool = False,
     cache_dir: str | Path | None = None,
     show_progress_bar: bool = False,
+    quantize: str | None = None,
+    rescore: int = 0,
 ) -> dict[str, float | int]:
     """nDCG, MRR, Recall, MAP and Precision at every k (trec_eval conventions, see
     `textcl.evaluation.retrieval_metrics`).
 
     Prompts default to the model's "query" / "document" prompts when it has them. Returns the metrics plus
     "n_queries" (evaluated), "n_skipped_queries" (no relevant document) and "n_docs". `cache_dir` keeps
-    the corpus embeddings on disk (memory-mapped) for corpora larger than memory and for reuse.
+    the corpus embeddings on disk (memory-mapped) for corpora larger than memory and for reuse. `quantize`
+    ("int8" or "binary") and `rescore` search a quantized index of the documents instead, as `SearchIndex` does
+    (`textcl.retrieval.quantization`), to measure what quantization costs.
     """
+    check_quantization(quantize, rescore, encoder.dim)
     data = load_beir(beir_dir, split, allow_missing=allow_missing)
     doc_ids = list(data.corpus)
     query_ids = [query_id for query_id, relevance in data.qrels.items() if max(relevance.values()) >= 1]
@@ -62,7 +68,11 @@ def evaluate_retrieval(
         logger.warning("k=%d is larger than the corpus (%d documents); ranking all of them", depth, len(doc_ids))
     run = {}
     if query_ids:
-        scores, indices = exact_search(queries, docs, depth)
+        if quantize:
+            index = build_quantized_index([docs], quantize)
+            scores, indices = quantized_search(index, quantize, queries, depth, rescore, docs)
+        else:
+            scores, indices = exact_search(queries, docs, depth)
         for query_id, row_scores, row_indices in zip(query_ids, scores.tolist(), indices.tolist()):
             run[query_id] = {doc_ids[i]: score for score, i in zip(row_scores, row_indices) if i >= 0}
     return retrieval_metrics(data.qrels, run, k_values) | {"n_docs": len(doc_ids)}

@@ -25,14 +25,16 @@ from textcl.errors import TextclError
 from textcl.model.device import resolve_device
 from textcl.model.location import resolve_model_dir
 from textcl.model.lora import is_adapter_folder, load_adapter_model
+from textcl.model.onnx_backend import OnnxEncoder
 from textcl.model.pooling import check_pooling_mode, pool
 from textcl.model.precision import autocast
 from textcl.model.st_folder import read_st_folder, write_st_folder
+from textcl.model.text_inputs import ENCODE_BATCH_SIZE, pad_arrays, resolve_prompt
 
 logger = logging.getLogger(__name__)
 
-ENCODE_BATCH_SIZE = 32  # texts per forward in `encode` and everything built on it (sentence-transformers' default)
 DENSE_ACTIVATIONS = {"tanh": nn.Tanh, "identity": nn.Identity}
+BACKENDS = ("torch", "onnx")
 
 
 class Encoder(nn.Module):
@@ -49,6 +51,8 @@ class Encoder(nn.Module):
         dense_activation: "tanh" (sentence-transformers' default) or "identity".
         mlp_head: add SimCSE's Linear+Tanh head, applied only while training and never exported.
     """
+
+    backend = "torch"  # `OnnxEncoder.backend` is "onnx"; a search index records which built it
 
     def __init__(
         self,
@@ -91,6 +95,11 @@ class Encoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def name_or_path(self) -> str:
+        """Where the transformers model was loaded from (what a search index records as its model)."""
+        return self.model.name_or_path
+
     @classmethod
     def load(
         cls,
@@ -103,13 +112,27 @@ class Encoder(nn.Module):
         trust_remote_code: bool = False,
         revision: str | None = None,
         device: str | torch.device | None = None,
-    ) -> Encoder:
+        backend: str = "torch",
+        onnx_file: str | None = None,
+    ) -> Encoder | OnnxEncoder:
         """Load a folder saved by textcl or sentence-transformers, a plain `transformers` folder, or a Hub id.
 
         Explicit arguments replace what the folder says. A plain `transformers` folder (no modules.json) gets
         mean pooling, with a warning unless `pooling` is given; a LoRA adapter folder (`adapter_config.json`)
         loads its base model with the adapter applied. `device` defaults to the GPU when torch sees one.
+        `backend="onnx"` returns an `OnnxEncoder` running the folder's `onnx/<onnx_file>` (default model.onnx,
+        written by `textcl export`) in onnxruntime; pooling and normalization are then those of the graph.
         """
+        if backend not in BACKENDS:
+            raise TextclError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
+        if backend == "onnx":
+            if pooling is not None or normalize is not None or mlp_head:
+                raise TextclError("pooling, normalize and mlp_head are inside an exported ONNX graph; "
+                                  "load with backend='torch' to change them, then export again")
+            return OnnxEncoder.load(model_name_or_path, onnx_file, max_seq_length, prompts, trust_remote_code,
+                                    revision, device)
+        if onnx_file is not None:
+            raise TextclError("onnx_file applies to backend='onnx'")
         device = resolve_device(device)
         root = resolve_model_dir(model_name_or_path, revision)
         if (root / "modules.json").exists():
@@ -173,6 +196,11 @@ class Encoder(nn.Module):
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """Tokenized batch `[batch, seq]` -> embeddings `[batch, dim]` (MLP head included while training)."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        return self.head(hidden, attention_mask)
+
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token embeddings `[batch, seq, hidden]` -> embeddings `[batch, dim]`: pooling, Dense, MLP head (training
+        only), normalize. The ONNX export traces this same method (`textcl.model.onnx_export`)."""
         embeddings = pool(hidden, attention_mask, self.pooling)
         if self.dense is not None:
             embeddings = self.activation(self.dense(embeddings))
@@ -184,14 +212,7 @@ class Encoder(nn.Module):
 
     def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str:
         """The prefix to prepend: an explicit `prompt` string, or the saved prompt called `prompt_name`."""
-        if prompt is not None:
-            return prompt
-        if prompt_name is None:
-            return ""
-        if prompt_name not in self.prompts:
-            known = ", ".join(sorted(self.prompts)) or "none"
-            raise TextclError(f"unknown prompt_name {prompt_name!r}; this model's prompts: {known}")
-        return self.prompts[prompt_name]
+        return resolve_prompt(self.prompts, prompt, prompt_name)
 
     def encode(
         self,
@@ -243,28 +264,8 @@ class Encoder(nn.Module):
 
 
 def pad_batch(encoded: Any, index: np.ndarray, tokenizer: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Gather rows `index` of pre-tokenized lists and pad them into `[len(index), longest]` tensors.
-
-    Written by hand because `tokenizer.pad` re-validates every row in Python, which cost more than
-    the padding itself in profiles of short-sentence encoding.
-    """
-    rows = [encoded["input_ids"][i] for i in index]
-    longest = max(len(row) for row in rows)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
-    batch = {}
-    for key, pad_value in pad_values.items():
-        if key not in encoded:
-            continue
-        array = np.full((len(index), longest), pad_value, dtype=np.int64)
-        for row, i in enumerate(index):
-            values = encoded[key][i]
-            if left:
-                array[row, longest - len(values) :] = values
-            else:
-                array[row, : len(values)] = values
-        batch[key] = torch.from_numpy(array).to(device)
-    return batch
+    """Rows `index` of pre-tokenized lists as padded `[len(index), longest]` tensors on `device` (`pad_arrays`)."""
+    return {key: torch.from_numpy(array).to(device) for key, array in pad_arrays(encoded, index, tokenizer).items()}
 
 
 def default_max_length(model: nn.Module, tokenizer: Any) -> int:

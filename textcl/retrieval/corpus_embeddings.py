@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.onnx_backend import OnnxEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,11 @@ def default_prompt_name(encoder: Encoder, prompt_name: str | None, role: str) ->
     return role if role in encoder.prompts else None
 
 
-def model_fingerprint(encoder: Encoder) -> str:
-    """sha256 of every weight and of the settings that change embeddings (pooling, Dense activation, tokenizer)."""
+def model_fingerprint(encoder: Encoder | OnnxEncoder) -> str:
+    """sha256 of every weight and of the settings that change embeddings (pooling, Dense activation, tokenizer);
+    for the ONNX backend, of the graph file and the tokenizer (`OnnxEncoder.fingerprint`)."""
+    if isinstance(encoder, OnnxEncoder):
+        return encoder.fingerprint()
     digest = hashlib.sha256()
     for name, tensor in encoder.state_dict().items():
         digest.update(name.encode())

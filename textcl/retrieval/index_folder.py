@@ -1,6 +1,6 @@
 """The search index folder on disk: written atomically under a lock, read as one consistent, verified whole.
 
-Writing (`save_index_folder`): the three files go into a temporary sibling folder that replaces the old one in
+Writing (`save_index_folder`): the three files (four with a rescoring quantized index's float_embeddings.npy) go into a temporary sibling folder that replaces the old one in
 one rename (`textcl.io.atomic.write_folder`), so a kill, a full disk or a second writer never leaves a torn
 index and the previous index stays readable until the new one is complete. One writer at a time holds the
 folder's lock; an existing index is replaced only with `overwrite`, and a folder that is not an index never.
@@ -24,6 +24,7 @@ import numpy as np
 
 from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock, write_folder
+from textcl.retrieval.quantization import FLOAT_FILE
 
 INDEX_FILES = ("index.faiss", "ids.jsonl", "meta.json")
 REQUIRED_META = ("model", "dim", "normalize", "query_prompt_name", "max_seq_length", "query_max_length")
@@ -66,25 +67,35 @@ def model_location(model: str, root: Path) -> str:
     return model
 
 
-def write_index_files(root: Path, index: faiss.Index, ids: Sequence[str], texts: Sequence[str],
-                      meta: dict[str, Any]) -> None:
-    """index.faiss, ids.jsonl, then meta.json (with the other files' sizes) into folder `root`."""
-    faiss.write_index(index, str(root / "index.faiss"))
+def write_index_files(root: Path, index: faiss.Index | faiss.IndexBinary, ids: Sequence[str], texts: Sequence[str],
+                      meta: dict[str, Any], float_vectors: np.ndarray | None = None) -> None:
+    """index.faiss, ids.jsonl, float_embeddings.npy (`float_vectors` `[n, dim]`, when given), then meta.json (with
+    the other files' sizes) into folder `root`."""
+    if isinstance(index, faiss.IndexBinary):
+        faiss.write_index_binary(index, str(root / "index.faiss"))
+    else:
+        faiss.write_index(index, str(root / "index.faiss"))
     with (root / "ids.jsonl").open("w", encoding="utf-8") as handle:
         for key, text in zip(ids, texts):
             handle.write(json.dumps({"id": key, "text": text}, ensure_ascii=False) + "\n")
-    files = {name: (root / name).stat().st_size for name in ("index.faiss", "ids.jsonl")}
+    names = ["index.faiss", "ids.jsonl"]
+    if float_vectors is not None:
+        np.save(root / FLOAT_FILE, np.asarray(float_vectors, dtype=np.float32))
+        names.append(FLOAT_FILE)
+    files = {name: (root / name).stat().st_size for name in names}
     (root / "meta.json").write_text(json.dumps(meta | {"count": len(ids), "files": files}, indent=2) + "\n")
 
 
-def save_index_folder(path: Path, index: faiss.Index, ids: Sequence[str], texts: Sequence[str],
-                      meta: dict[str, Any], overwrite: bool) -> None:
+def save_index_folder(path: Path, index: faiss.Index | faiss.IndexBinary, ids: Sequence[str], texts: Sequence[str],
+                      meta: dict[str, Any], overwrite: bool, float_vectors: np.ndarray | None = None) -> None:
     """Write the index folder `path` atomically, holding its lock (see the module docstring)."""
     meta = meta | {"model": portable_model_path(str(meta["model"]), path)}
-    needed = index.ntotal * index.d * 4 + sum(len(text.encode()) + len(key) + 24 for key, text in zip(ids, texts))
+    floats = 0 if float_vectors is None else float_vectors.size * 4
+    needed = index.ntotal * index.d * 4 + floats + sum(len(text.encode()) + len(key) + 24 for key, text in zip(ids, texts))
     with exclusive_lock(path, wait=LOCK_WAIT, what="the search index"):
         check_index_target(path, overwrite)
-        write_folder(path, lambda root: write_index_files(root, index, ids, texts, meta), "the search index", needed)
+        write_folder(path, lambda root: write_index_files(root, index, ids, texts, meta, float_vectors),
+                     "the search index", needed)
 
 
 def open_snapshot(root: Path) -> dict[str, IO[bytes]]:
@@ -133,9 +144,10 @@ def check_size(handle: IO[bytes], path: Path, meta: dict[str, Any]) -> None:
                           f"{REBUILD}")
 
 
-def read_faiss(handle: IO[bytes], path: Path) -> faiss.Index:
+def read_faiss(handle: IO[bytes], path: Path, binary: bool) -> faiss.Index | faiss.IndexBinary:
+    read = faiss.read_index_binary if binary else faiss.read_index
     try:
-        return faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+        return read(faiss.PyCallbackIOReader(handle.read))
     except (RuntimeError, MemoryError) as error:
         reason = str(error).strip().splitlines()[-1][:160] if str(error).strip() else type(error).__name__
         raise TextclError(f"{path} is truncated or damaged (faiss: {reason}); {REBUILD}") from None
@@ -157,8 +169,11 @@ def read_ids(handle: IO[bytes], path: Path) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def read_index_folder(root: Path) -> tuple[faiss.Index, dict[str, Any], list[str], list[str]]:
-    """(faiss index, meta, ids, texts) of an index folder, verified; every problem is one line naming the file."""
+def read_index_folder(
+    root: Path,
+) -> tuple[faiss.Index | faiss.IndexBinary, dict[str, Any], list[str], list[str], np.ndarray | None]:
+    """(faiss index, meta, ids, texts, float vectors `[n, dim]` memory-mapped or None) of an index folder,
+    verified; every problem is one line naming the file."""
     missing = [name for name in INDEX_FILES if not (root / name).is_file()]
     if missing:
         raise TextclError(f"{str(root)!r} is not a search index folder (missing {', '.join(missing)})")
@@ -166,7 +181,7 @@ def read_index_folder(root: Path) -> tuple[faiss.Index, dict[str, Any], list[str
     try:
         meta = read_meta(handles["meta.json"], root / "meta.json")
         check_size(handles["index.faiss"], root / "index.faiss", meta)
-        index = read_faiss(handles["index.faiss"], root / "index.faiss")
+        index = read_faiss(handles["index.faiss"], root / "index.faiss", meta.get("quantize") == "binary")
         ids, texts = read_ids(handles["ids.jsonl"], root / "ids.jsonl")  # a bad line is named before the size
         check_size(handles["ids.jsonl"], root / "ids.jsonl", meta)
     finally:
@@ -178,7 +193,25 @@ def read_index_folder(root: Path) -> tuple[faiss.Index, dict[str, Any], list[str
     if len(ids) != index.ntotal or meta.get("count", index.ntotal) != index.ntotal:
         raise TextclError(f"{root / 'ids.jsonl'} has {len(ids)} rows but index.faiss holds {index.ntotal} vectors; "
                           f"{REBUILD}")
-    return index, meta, ids, texts
+    return index, meta, ids, texts, read_float_vectors(root, meta, len(ids))
+
+
+def read_float_vectors(root: Path, meta: dict[str, Any], rows: int) -> np.ndarray | None:
+    """float_embeddings.npy `[rows, dim]` as a read-only memory map (rescoring reads only its candidates' rows),
+    or None when the index keeps no float vectors."""
+    path = root / FLOAT_FILE
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        check_size(handle, path, meta)
+    try:
+        vectors = np.load(path, mmap_mode="r")
+    except ValueError as error:
+        raise TextclError(f"{path} is truncated or damaged ({error}); {REBUILD}") from None
+    if vectors.shape != (rows, meta["dim"]):
+        raise TextclError(f"{path} holds {vectors.shape} vectors for {rows} documents of {meta['dim']} dimensions; "
+                          f"{REBUILD}")
+    return vectors
 
 
 def check_queries(queries: Sequence[Any]) -> None:

@@ -3,6 +3,8 @@
 Folder layout (ARCHITECTURE.md, "Search index folder"): `index.faiss`, `ids.jsonl` (one {"id", "text"} a line,
 in index order) and `meta.json` (model path, dimension, metric, index factory, normalize, prompts, max
 length, search parameters). Scores are inner products; with normalize (the default) they are cosines.
+A quantized index (`quantize="int8"` or `"binary"`, `textcl.retrieval.quantization`) records its scheme and
+rescore factor in meta.json, and keeps `float_embeddings.npy` (memory-mapped on load) when it rescores.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from textcl.retrieval.index_folder import (
     model_location,
     read_index_folder,
     save_index_folder,
+)
+from textcl.retrieval.quantization import (
+    add_vectors as add_quantized,
+)
+from textcl.retrieval.quantization import (
+    build_quantized_index,
+    check_quantization,
+    quantized_search,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,6 +77,7 @@ class SearchIndex:
     encoder: Encoder | None = field(default=None, repr=False)
     id_lookup: np.ndarray = field(default_factory=lambda: with_sentinel([]), repr=False)
     text_lookup: np.ndarray = field(default_factory=lambda: with_sentinel([]), repr=False)
+    float_vectors: np.ndarray | None = field(default=None, repr=False)  # `[n, dim]`, kept to rescore
 
     @property
     def ids(self) -> np.ndarray:
@@ -97,18 +108,22 @@ class SearchIndex:
         precision: str = "fp32",
         cache_dir: str | Path | None = None,
         show_progress_bar: bool = False,
+        quantize: str | None = None,
+        rescore: int = 0,
     ) -> SearchIndex:
         """Encode `texts` (ids default to "0", "1", ...) and index them with `faiss.index_factory(factory)`.
 
         `model_path` is written to meta.json so `load` can rebuild the encoder (default: the path the
         transformers model was loaded from). Prompts default to the model's "query"/"document" prompts;
         `max_seq_length` truncates documents, `query_max_length` (default: the same) queries.
+        `quantize` "int8" or "binary" stores quantized vectors instead of `factory`'s index; `rescore` K >= 1 then
+        rescores K*k candidates with the float vectors (`textcl.retrieval.quantization`).
         """
         texts = list(texts)
         if not texts:
             raise TextclError("cannot build a search index from an empty corpus")
         meta = {
-            "model": str(model_path or encoder.model.name_or_path),
+            "model": str(model_path or encoder.name_or_path),
             "dim": encoder.dim,
             "metric": "cosine" if normalize else "dot",
             "factory": factory,
@@ -119,14 +134,22 @@ class SearchIndex:
             "query_max_length": query_max_length or max_seq_length or encoder.max_seq_length,
             "search_params": search_params,
             "precision": precision,
+            "backend": encoder.backend,
         }
+        if encoder.backend == "onnx":
+            meta["onnx_file"] = encoder.onnx_file
+        check_quantization(quantize, rescore, encoder.dim)
+        if quantize:
+            if factory != "Flat":
+                raise TextclError(f"quantize={quantize!r} builds its own flat index; drop factory {factory!r}")
+            meta |= {"quantize": quantize, "rescore": rescore}
         ids = [str(i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
         check_ids(ids, texts)
         embeddings = cls.encode_docs(encoder, meta, texts, batch_size, cache_dir, show_progress_bar)
         check_finite(embeddings, "documents", ids)
-        index = build_faiss_index([embeddings], factory)
+        index = build_quantized_index([embeddings], quantize) if quantize else build_faiss_index([embeddings], factory)
         set_search_params(index, search_params)
-        self = cls(index, meta, encoder)
+        self = cls(index, meta, encoder, float_vectors=embeddings if rescore else None)
         self.append(ids, texts)
         return self
 
@@ -154,38 +177,43 @@ class SearchIndex:
         check_ids(ids, texts, self.ids.tolist())
         embeddings = self.encode_docs(self.require_encoder(), self.meta, texts, batch_size, None, False)
         check_finite(embeddings, "documents", ids)
-        self.append(ids, texts)
-        self.index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        self.add_vectors(ids, texts, embeddings)
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write the folder layout of the module docstring atomically (`textcl.retrieval.index_folder`): readers
         see the previous index until the new one is complete. An existing index is replaced only with
         `overwrite`; a concurrent writer of the same folder is waited for, then refused."""
-        save_index_folder(Path(path), self.index, self.ids.tolist(), self.texts.tolist(), self.meta, overwrite)
+        save_index_folder(Path(path), self.index, self.ids.tolist(), self.texts.tolist(), self.meta, overwrite,
+                          None if self.float_vectors is None else np.asarray(self.float_vectors))
 
     @classmethod
     def load(
-        cls, path: str | Path, encoder: Encoder | None = None, device: str | torch.device | None = None
+        cls, path: str | Path, encoder: Encoder | None = None, device: str | torch.device | None = None,
+        backend: str | None = None, onnx_file: str | None = None,
     ) -> SearchIndex:
         """Read a saved index (verified: a damaged file is one line naming it); the encoder defaults to the model
         named in meta.json (a relative path is relative to the index folder), loaded onto `device` (default:
-        the GPU when torch sees one), and must have the index's dimension."""
+        the GPU when torch sees one) with `backend` (default: the one the index was built with), and must have
+        the index's dimension."""
         root = Path(path)
-        index, meta, ids, texts = read_index_folder(root)
+        index, meta, ids, texts, float_vectors = read_index_folder(root)
         meta.pop("count", None)
         meta.pop("files", None)
         if "doc_prompt_name" in meta:  # folders written before textcl named the document side one way
             meta["document_prompt_name"] = meta.pop("doc_prompt_name")
         meta.setdefault("precision", "fp32")
-        encoder = encoder or Encoder.load(model_location(meta["model"], root), max_seq_length=meta["max_seq_length"],
-                                          device=device)
+        if encoder is None:
+            backend = backend or meta.get("backend", "torch")
+            onnx_file = onnx_file or (meta.get("onnx_file") if backend == "onnx" else None)
+            encoder = Encoder.load(model_location(meta["model"], root), max_seq_length=meta["max_seq_length"],
+                                   device=device, backend=backend, onnx_file=onnx_file)
         if encoder.dim != index.d:
             raise TextclError(
                 f"the index in {str(root)!r} holds {index.d}-dimensional vectors but the model gives {encoder.dim}; "
                 f"search with the model it was built with ({meta['model']})"
             )
         set_search_params(index, meta.get("search_params", ""))
-        self = cls(index, meta, encoder)
+        self = cls(index, meta, encoder, float_vectors=float_vectors)
         self.append(ids, texts)
         return self
 
@@ -194,7 +222,9 @@ class SearchIndex:
             raise TextclError("this SearchIndex has no encoder; pass one to SearchIndex.load")
         return self.encoder
 
-    def search(self, queries: str | Sequence[str], k: int = 10, batch_size: int = ENCODE_BATCH_SIZE) -> Hits:
+    def search(
+        self, queries: str | Sequence[str], k: int = 10, batch_size: int = ENCODE_BATCH_SIZE, rescore: int | None = None
+    ) -> Hits:
         """Encode `queries` (with the index's query prompt) and return their top `k` documents."""
         queries = [queries] if isinstance(queries, str) else list(queries)
         check_queries(queries)
@@ -204,16 +234,27 @@ class SearchIndex:
             precision=self.meta["precision"],
         )
         check_finite(vectors, "queries")
-        return self.search_vectors(vectors, k)
+        return self.search_vectors(vectors, k, rescore)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> Hits:
-        """Top `k` documents for query embeddings `[n_queries, dim]`; k larger than the index is clamped."""
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, rescore: int | None = None) -> Hits:
+        """Top `k` documents for query embeddings `[n_queries, dim]`; k larger than the index is clamped.
+        `rescore` overrides a quantized index's saved rescore factor (0: off)."""
         size = len(self.ids)
         if not 1 <= k <= size:
             if k < 1:
                 raise TextclError(f"k must be at least 1, got {k}")
             logger.warning("k=%d is larger than the index (%d documents); returning %d", k, size, size)
             k = size
+        if np.shape(vectors)[-1] != self.meta["dim"]:
+            raise TextclError(
+                f"the queries have {np.shape(vectors)[-1]} dimensions but this index holds {self.meta['dim']}; "
+                f"search with the model it was built with ({self.meta['model']})"
+            )
+        if self.meta.get("quantize"):
+            rescore = self.meta.get("rescore", 0) if rescore is None else rescore
+            check_quantization(self.meta["quantize"], rescore)
+            scores, rows = quantized_search(self.index, self.meta["quantize"], vectors, k, rescore, self.float_vectors)
+            return Hits(self.id_lookup[rows], scores, self.text_lookup[rows])
         scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         return Hits(self.id_lookup[rows], scores, self.text_lookup[rows])
 
@@ -231,15 +272,24 @@ class SearchIndex:
         """Append documents already encoded with `encode_docs` (`vectors` `[n, dim]`); ids must be new."""
         ids, texts = [str(i) for i in ids], list(texts)
         check_ids(ids, texts, self.ids.tolist())
-        if vectors.shape != (len(ids), self.index.d):
-            raise TextclError(f"got vectors of shape {vectors.shape} for {len(ids)} documents of dimension {self.index.d}")
+        if vectors.shape != (len(ids), self.meta["dim"]):
+            raise TextclError(f"got vectors of shape {vectors.shape} for {len(ids)} documents of dimension "
+                              f"{self.meta['dim']}")
         self.append(ids, texts)
+        if self.meta.get("quantize"):
+            add_quantized(self.index, vectors, self.meta["quantize"])
+            if self.float_vectors is not None:
+                self.float_vectors = np.concatenate([self.float_vectors, vectors])
+            return
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
     @property
     def removable(self) -> bool:
         """Whether `remove` works here: faiss renumbers the rows of flat-code indexes (Flat, SQ, PQ) when it
-        removes some, which keeps them aligned with `ids`; IVF indexes keep stale numbers and HNSW cannot remove."""
+        removes some, which keeps them aligned with `ids` (so does the binary flat index of `quantize="binary"`);
+        IVF indexes keep stale numbers and HNSW cannot remove."""
+        if isinstance(self.index, faiss.IndexBinary):
+            return isinstance(self.index, faiss.IndexBinaryFlat)
         return isinstance(faiss.downcast_index(self.index), faiss.IndexFlatCodes)
 
     def remove(self, ids: Sequence[str]) -> None:
@@ -255,5 +305,7 @@ class SearchIndex:
         self.index.remove_ids(rows)
         keep = np.ones(len(position), dtype=bool)
         keep[rows] = False
+        if self.float_vectors is not None:
+            self.float_vectors = np.asarray(self.float_vectors)[keep]
         self.id_lookup = with_sentinel(self.ids[keep].tolist())
         self.text_lookup = with_sentinel(self.texts[keep].tolist())
