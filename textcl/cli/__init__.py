@@ -29,6 +29,8 @@ COMMANDS = {
     "push": ("hub", "configure_push", "run_push", "upload a model folder to the Hugging Face Hub"),
     "merge": ("hub", "configure_merge", "run_merge", "merge a LoRA adapter folder into a full model folder"),
     "export": ("export", "configure", "run", "write a model as one ONNX graph (pooling inside), optionally int8"),
+    "score": ("score", "configure", "run", "a teacher's score of each (anchor, candidate) pair, for distillation"),
+    "shrink": ("shrink", "configure", "run", "copy some layers of a model into a smaller one (a student to distil)"),
 }
 
 

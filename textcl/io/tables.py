@@ -11,6 +11,7 @@ conventions of corpora (`textcl.io.corpus`); `write_table` writes .jsonl/.tsv/.c
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,8 +115,36 @@ def check_output(path: str | Path) -> Path:
     return path
 
 
-def write_table(columns: dict[str, Sequence], path: str | Path) -> None:
-    """Write equal-length columns to .jsonl, .tsv, .csv or .parquet (chosen by the suffix)."""
+def provenance_path(path: str | Path) -> Path:
+    """The sidecar that says how a written table was made: `<file>.textcl.json` next to it."""
+    return Path(f"{path}.textcl.json")
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The sidecar of a table written by `write_table(..., provenance=...)`, or None when it has none."""
+    sidecar = provenance_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise TextclError(f"{sidecar}: not valid JSON ({error.msg}); delete it or write the table again") from None
+
+
+def negative_column_names(columns: Sequence[str]) -> list[str]:
+    """Columns named negative* that hold texts (not their `_score`), in natural order (negative_2 < negative_10)."""
+    chosen = [c for c in columns if c.startswith("negative") and not c.endswith("_score")]
+    return sorted(chosen, key=lambda c: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", c)])
+
+
+def score_column(column: str) -> str:
+    """Where the teacher's score of the texts in `column` goes: `positive` -> `positive_score`."""
+    return f"{column}_score"
+
+
+def write_table(columns: dict[str, Sequence], path: str | Path, provenance: dict[str, Any] | None = None) -> None:
+    """Write equal-length columns to .jsonl, .tsv, .csv or .parquet (chosen by the suffix); with `provenance`, also
+    the sidecar `<file>.textcl.json` saying how the table was made (a stale sidecar is removed)."""
     path = check_output(path)
     table = datasets.Dataset.from_dict({name: list(values) for name, values in columns.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,3 +154,8 @@ def write_table(columns: dict[str, Sequence], path: str | Path) -> None:
         table.to_csv(path, sep=DELIMITERS[path.suffix], index=False)
     else:
         table.to_parquet(path)
+    sidecar = provenance_path(path)
+    if provenance is None:
+        sidecar.unlink(missing_ok=True)
+    else:
+        sidecar.write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +44,20 @@ def default_prompt_name(encoder: Encoder, prompt_name: str | None, role: str) ->
     return role if role in encoder.prompts else None
 
 
+def hash_weights(digest: Any, module: torch.nn.Module) -> None:
+    """Feed every weight of `module` (names and bytes) into `digest`."""
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def model_fingerprint(encoder: Encoder | OnnxEncoder) -> str:
     """sha256 of every weight and of the settings that change embeddings (pooling, Dense activation, tokenizer);
     for the ONNX backend, of the graph file and the tokenizer (`OnnxEncoder.fingerprint`)."""
     if isinstance(encoder, OnnxEncoder):
         return encoder.fingerprint()
     digest = hashlib.sha256()
-    for name, tensor in encoder.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    hash_weights(digest, encoder)
     tokenizer = encoder.tokenizer
     settings = [encoder.pooling, encoder.dense_activation, type(tokenizer).__name__, len(tokenizer)]
     digest.update(json.dumps(settings + [getattr(tokenizer, "name_or_path", "")]).encode())
@@ -120,49 +125,34 @@ def encode_corpus(
             except (ValueError, OSError):  # a truncated or damaged cache file: encode again
                 pass
             logger.warning("the cached embeddings %s are damaged; encoding again", path)
-    state = distributed_state()
-    options = dict(batch_size=batch_size, prefix=prefix, max_length=max_length, normalize=normalize,
-                   precision=precision)
-    if (state is None and path is None) or not texts:
-        out = np.empty((len(texts), encoder.dim), dtype=np.float32)
-        fill(encoder, texts, out, range(0, len(texts), chunk_size), show_progress_bar, **options)
-        return out
-    return encode_to_file(encoder, texts, path, state, chunk_size, show_progress_bar, options)
+
+    def compute(start: int, stop: int) -> np.ndarray:
+        return encoder.encode(texts[start:stop], batch_size=batch_size, prompt=prefix, normalize=normalize,
+                              max_seq_length=max_length, precision=precision)
+
+    return computed_rows((len(texts), encoder.dim), compute, path, chunk_size, show_progress_bar, "encode")
 
 
-def fill(
-    encoder: Encoder,
-    texts: list[str],
-    out: np.ndarray,
-    starts: range,
-    show_progress_bar: bool,
-    batch_size: int,
-    prefix: str,
-    max_length: int,
-    normalize: bool,
-    precision: str,
-) -> None:
-    """Encode rows `starts.start` to `starts.stop` of `texts` into the same rows of `out`, `starts.step` at a time."""
-    with tqdm(total=starts.stop - starts.start, desc="encode", unit="text", disable=not show_progress_bar) as bar:
-        for start in starts:
-            stop = min(start + starts.step, starts.stop)
-            out[start:stop] = encoder.encode(
-                texts[start:stop], batch_size=batch_size, prompt=prefix, normalize=normalize, max_seq_length=max_length,
-                precision=precision,
-            )
-            bar.update(stop - start)
-
-
-def encode_to_file(
-    encoder: Encoder,
-    texts: list[str],
-    path: Path | None,
-    state: Any,
-    chunk_size: int,
-    show_progress_bar: bool,
-    options: dict[str, Any],
+def computed_rows(
+    shape: tuple[int, ...],
+    compute: Callable[[int, int], np.ndarray],
+    path: Path | None = None,
+    chunk_size: int = 1024,
+    show_progress_bar: bool = False,
+    desc: str = "compute",
 ) -> np.ndarray:
-    """Encode into a `.npy` memory map, each process its own contiguous rows; `path` None means a temporary file."""
+    """A float32 array of `shape` whose rows `start:stop` are `compute(start, stop)`, `chunk_size` rows at a time.
+
+    With `path`, the rows go into a `.npy` memory map that is renamed to `path` once complete (a cache entry
+    is never half-written) and returned read-only. Under a multi-process `accelerate launch` every process
+    must call this with the same arguments; each computes its own contiguous rows into one shared file and
+    all return the whole array.
+    """
+    state = distributed_state()
+    if (state is None and path is None) or not shape[0]:
+        out = np.empty(shape, dtype=np.float32)
+        fill(out, compute, range(0, shape[0], chunk_size), show_progress_bar, desc)
+        return out
     processes, rank = (state.num_processes, state.process_index) if state else (1, 0)
 
     def barrier() -> None:
@@ -174,16 +164,16 @@ def encode_to_file(
     parent.mkdir(parents=True, exist_ok=True)
     work = [tempfile.mkdtemp(prefix="textcl-", dir=parent) if rank == 0 else None]
     if state is not None:
-        from accelerate.utils import broadcast_object_list
+        from accelerate.utils import broadcast_object_list  # only under a multi-process launch
 
         broadcast_object_list(work, from_process=0)
-    partial = Path(work[0]) / "embeddings.npy"
+    partial = Path(work[0]) / "rows.npy"
     if rank == 0:
-        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(len(texts), encoder.dim)).flush()
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape).flush()
     barrier()
     out = np.lib.format.open_memmap(partial, mode="r+")
-    lo, hi = rank * len(texts) // processes, (rank + 1) * len(texts) // processes
-    fill(encoder, texts, out, range(lo, hi, chunk_size), show_progress_bar and rank == 0, **options)
+    lo, hi = rank * shape[0] // processes, (rank + 1) * shape[0] // processes
+    fill(out, compute, range(lo, hi, chunk_size), show_progress_bar and rank == 0, desc)
     out.flush()
     del out
     barrier()
@@ -200,3 +190,12 @@ def encode_to_file(
     if rank == 0:
         shutil.rmtree(work[0], ignore_errors=True)
     return result
+
+
+def fill(out: np.ndarray, compute: Callable[[int, int], np.ndarray], starts: range, progress: bool, desc: str) -> None:
+    """Rows `starts.start` to `starts.stop` of `out` from `compute`, `starts.step` rows at a time."""
+    with tqdm(total=starts.stop - starts.start, desc=desc, unit="row", disable=not progress) as bar:
+        for start in starts:
+            stop = min(start + starts.step, starts.stop)
+            out[start:stop] = compute(start, stop)
+            bar.update(stop - start)

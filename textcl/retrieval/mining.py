@@ -23,12 +23,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from textcl.errors import TextclError
 from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
-from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus
+from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus, model_fingerprint
 from textcl.retrieval.exact_search import exact_search
 from textcl.retrieval.faiss_index import build_faiss_index, set_search_params, take_rows
 
@@ -65,10 +66,13 @@ class MiningStats:
 
 @dataclass
 class MinedNegatives:
-    """`columns`: anchor, positive, negative_1..n, positive_score, negative_1_score..n (one entry a kept row)."""
+    """`columns`: anchor, positive, negative_1..n, positive_score, negative_1_score..n (one entry a kept row);
+    `settings`: every setting that decided them (resolved prompts and lengths, the model's fingerprint), for
+    the mined file's sidecar."""
 
     columns: dict[str, list]
     stats: MiningStats
+    settings: dict[str, Any]
 
 
 def check_options(
@@ -235,4 +239,15 @@ def mine_hard_negatives(
         dropped_false_negatives=int((window & ~keep).sum()),
         known_positives_excluded=int(known_hit.sum()),
     )
-    return MinedNegatives(columns, stats)
+    settings = {
+        "model_fingerprint": model_fingerprint(encoder), "num_negatives": num_negatives,
+        "min_negatives": num_negatives if min_negatives is None else min_negatives, "range_min": range_min,
+        "range_max": range_max, "max_score_ratio": max_score_ratio, "margin": margin, "sampling": sampling,
+        "seed": seed, "factory": factory, "search_params": search_params, "precision": precision,
+        "query_prompt": encoder.resolve_prompt(None, query_prompt),
+        "document_prompt": encoder.resolve_prompt(None, document_prompt),
+        "query_max_length": query_max_length or encoder.max_seq_length,
+        "document_max_length": document_max_length or encoder.max_seq_length,
+        "corpus_texts": len(corpus), "pairs": len(anchors),
+    }
+    return MinedNegatives(columns, stats, settings)

@@ -1,0 +1,178 @@
+"""Teacher scores of (query, document) pairs, the targets of distillation.
+
+A teacher is a bi-encoder (textcl or sentence-transformers: the cosine of its query and document
+embeddings, with its saved "query"/"document" prompts) or, where sentence-transformers is installed, a
+sentence-transformers `CrossEncoder` (its raw logit for the pair, before any activation, so a softmax
+temperature means the same thing for every cross-encoder). Scores are computed in batches and cached on
+disk like corpus embeddings (`cache_dir`); under `accelerate launch` each process scores its own share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from textcl import __version__
+from textcl.errors import TextclError
+from textcl.io.tables import (
+    check_output,
+    column,
+    negative_column_names,
+    read_provenance,
+    read_records,
+    score_column,
+    write_table,
+)
+from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.location import resolve_model_dir
+from textcl.retrieval.corpus_embeddings import computed_rows, default_prompt_name, encode_corpus, hash_weights
+
+
+@dataclass
+class Teacher:
+    """A model that scores (query, document) pairs; `kind` is "bi-encoder" (`encoder`) or "cross-encoder"
+    (`cross_encoder`, a sentence_transformers.CrossEncoder)."""
+
+    name: str
+    kind: str
+    encoder: Encoder | None = None
+    cross_encoder: Any = None
+
+
+def is_cross_encoder(folder: Path) -> bool:
+    """A folder saved by sentence-transformers' CrossEncoder, or a plain transformers sequence classifier."""
+    st_config = folder / "config_sentence_transformers.json"
+    if st_config.is_file() and json.loads(st_config.read_text()).get("model_type") == "CrossEncoder":
+        return True
+    config = folder / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    return not (folder / "modules.json").is_file() and bool(architectures) and all(
+        name.endswith("ForSequenceClassification") for name in architectures
+    )
+
+
+def load_teacher(model_name_or_path: str | Path, device: str | torch.device | None = None) -> Teacher:
+    """The teacher in `model_name_or_path`: a cross-encoder when the folder is one (needs sentence-transformers),
+    else a bi-encoder loaded with `Encoder.load`."""
+    name = str(model_name_or_path)
+    if not is_cross_encoder(resolve_model_dir(model_name_or_path)):
+        return Teacher(name, "bi-encoder", encoder=Encoder.load(model_name_or_path, device=device))
+    try:
+        from sentence_transformers import CrossEncoder  # optional: only cross-encoder teachers need it
+    except ImportError:
+        raise TextclError(f"{name} is a cross-encoder; scoring with it needs sentence-transformers "
+                          "(pip install sentence-transformers)") from None
+    device = None if device is None else str(device)
+    return Teacher(name, "cross-encoder", cross_encoder=CrossEncoder(str(resolve_model_dir(name)), device=device))
+
+
+def score_pairs(
+    teacher: Teacher,
+    queries: Sequence[str],
+    documents: Sequence[str],
+    *,
+    batch_size: int = ENCODE_BATCH_SIZE,
+    precision: str = "fp32",
+    query_max_length: int | None = None,
+    cache_dir: str | Path | None = None,
+    show_progress_bar: bool = False,
+) -> np.ndarray:
+    """The teacher's score of each pair (queries[i], documents[i]) -> float32 `[n]`."""
+    if len(queries) != len(documents):
+        raise TextclError(f"got {len(queries)} queries for {len(documents)} documents")
+    if teacher.kind == "bi-encoder":
+        return cosine_scores(teacher.encoder, list(queries), list(documents), batch_size=batch_size,
+                             precision=precision, query_max_length=query_max_length, cache_dir=cache_dir,
+                             show_progress_bar=show_progress_bar)
+    pairs = list(zip(queries, documents))
+    path = None
+    if cache_dir is not None and pairs:
+        path = Path(cache_dir) / f"pairs-{pair_cache_key(teacher, pairs)}.npy"
+        if path.exists():
+            return np.asarray(np.load(path, mmap_mode="r")).reshape(-1)
+
+    def compute(start: int, stop: int) -> np.ndarray:
+        logits = teacher.cross_encoder.predict(pairs[start:stop], batch_size=batch_size,
+                                               activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+        return np.asarray(logits, dtype=np.float32).reshape(stop - start, 1)
+
+    scores = computed_rows((len(pairs), 1), compute, path, show_progress_bar=show_progress_bar, desc="score")
+    return np.asarray(scores).reshape(-1)
+
+
+def score_table(
+    teacher: Teacher, anchors: Sequence[str], candidates: dict[str, Sequence[str]], **options: Any
+) -> dict[str, list[float | None]]:
+    """`<column>_score` -> the teacher's score of (anchor, text) for every row of each candidate column
+    (None where the text is empty); `options` as in `score_pairs`."""
+    pairs = [(row, name) for name, texts in candidates.items() for row, text in enumerate(texts) if text.strip()]
+    scores = score_pairs(teacher, [anchors[row] for row, _ in pairs], [candidates[name][row] for row, name in pairs],
+                         **options)
+    out: dict[str, list[float | None]] = {score_column(name): [None] * len(anchors) for name in candidates}
+    for (row, name), score in zip(pairs, scores.tolist()):
+        out[score_column(name)][row] = score
+    return out
+
+
+def score_file(
+    teacher: Teacher,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str = "train",
+    anchor_column: str = "anchor",
+    positive_column: str = "positive",
+    negative_columns: Sequence[str] | None = None,
+    provenance: dict[str, Any] | None = None,
+    **options: Any,
+) -> int:
+    """Copy the table `data` to `out` with the teacher's `<column>_score` for the positive and every negative
+    column (default: every column named negative*), replacing older scores; the sidecar records the teacher on
+    top of `provenance` (e.g. how the table was mined). `options` as in `score_pairs`. Returns the row count."""
+    check_output(out)
+    rows = read_records(data, "data", split)
+    names = list(rows[0])
+    candidates = [positive_column, *(negative_columns or negative_column_names(names))]
+    table = {name: [row.get(name) for row in rows] for name in names}
+    anchors = column(rows, anchor_column, data, "--anchor_column")
+    texts = {name: column(rows, name, data, "--positive_column / --negative_columns") for name in candidates}
+    table |= score_table(teacher, anchors, texts, **options)
+    scores = {"model": teacher.name, "kind": teacher.kind, "columns": [score_column(name) for name in candidates],
+              "precision": options.get("precision", "fp32"), "query_max_length": options.get("query_max_length")}
+    record = (provenance or read_provenance(data) or {"data": str(data)}) | {"textcl_version": __version__,
+                                                                             "scores": scores}
+    write_table(table, out, provenance=record)
+    return len(rows)
+
+
+def cosine_scores(encoder: Encoder, queries: list[str], documents: list[str], **options: Any) -> np.ndarray:
+    """Cosine of each (query, document) pair; every distinct text is encoded once (and cached)."""
+    query_max_length = options.pop("query_max_length")
+    distinct_queries, distinct_documents = list(dict.fromkeys(queries)), list(dict.fromkeys(documents))
+    q = encode_corpus(encoder, distinct_queries, prompt_name=default_prompt_name(encoder, None, "query"),
+                      max_seq_length=query_max_length, **options)
+    d = encode_corpus(encoder, distinct_documents, prompt_name=default_prompt_name(encoder, None, "document"),
+                      **options)
+    q_row = {text: i for i, text in enumerate(distinct_queries)}
+    d_row = {text: i for i, text in enumerate(distinct_documents)}
+    q_index = np.array([q_row[text] for text in queries], dtype=np.int64)
+    d_index = np.array([d_row[text] for text in documents], dtype=np.int64)
+    return np.einsum("nd,nd->n", np.asarray(q)[q_index], np.asarray(d)[d_index]).astype(np.float32)
+
+
+def pair_cache_key(teacher: Teacher, pairs: list[tuple[str, str]]) -> str:
+    """Names a cross-encoder's cached scores of `pairs`: its weights and the pairs, in order."""
+    digest = hashlib.sha256(json.dumps(["cross-encoder", 1]).encode())
+    hash_weights(digest, teacher.cross_encoder.model)
+    for query, document in pairs:
+        for text in (query, document):
+            data = text.encode("utf-8")
+            digest.update(b"%d:" % len(data) + data)
+    return digest.hexdigest()[:32]
