@@ -132,7 +132,7 @@ def distill_step(model: nn.Module, rows: slice) -> dict[str, torch.Tensor]:
     values = {
         "kl": KLDistillationLoss(0.5)(anchor, positive, negatives, data["teacher_scores"], negative_mask=mask),
         "margin_mse": MarginMSELoss()(anchor, positive, negatives, data["teacher_scores"], negative_mask=mask),
-        "embedding_mse": EmbeddingMSELoss()(anchor, positive),
+        "mse": EmbeddingMSELoss()(anchor, positive),
     }
     sum(values.values()).backward()
     return {key: value.detach() for key, value in values.items()}

@@ -109,6 +109,23 @@ class LossArguments:
     queue_size: int = field(default=0, metadata={"help": "MoCo-style queue of past momentum-encoder keys."})
     momentum: float = 0.999
     guide_model: str | None = field(default=None, metadata={"help": "Frozen model judging false negatives."})
+    distill_loss: str = field(
+        default="none",
+        metadata={"help": "Distillation added to InfoNCE: none; kl (KL between the teacher's and the student's "
+                  "softmax over each row's positive and negatives) or margin_mse (MSE of the positive - negative "
+                  "score margins), both against the data's teacher scores (positive_score, negative_1_score, ... "
+                  "written by `textcl score` or `textcl mine --teacher`); mse (MSE against teacher_model's "
+                  "embeddings of the same texts)."},
+    )
+    distill_weight: float = field(default=1.0, metadata={"help": "loss = InfoNCE + distill_weight x distillation."})
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature of distill_loss kl, on both score rows (the loss is "
+                               "multiplied by its square)."}
+    )
+    teacher_model: str | None = field(
+        default=None, metadata={"help": "Frozen model whose embeddings distill_loss mse matches (same tokenizer and "
+                                "embedding width as the student, e.g. the model a `textcl shrink` student came from)."}
+    )
 
 
 @dataclass
@@ -206,6 +223,7 @@ REQUIRED = ("model_name_or_path", "train_data", "output_dir")
 # Old names users may have written in recipes or on the command line -> the current name.
 DEPRECATED_KEYS = {"passage_max_length": "document_max_length"}
 MISSING_POSITIVE = ("error", "drop", "dropout")
+DISTILL_LOSSES = ("none", "kl", "margin_mse", "mse")
 LIST_FIELDS = {f.name for part in PARTS for f in dataclasses.fields(part) if str(f.type).startswith("list")}
 
 
@@ -257,7 +275,21 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
         raise TextclError("max_nonfinite_steps must be at least 1 (1 stops at the first non-finite step)")
     if config.model.lora_merge and not config.model.lora:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
+    check_distillation(config.loss)
     return config
+
+
+def check_distillation(loss: LossArguments) -> None:
+    """The distill_* settings and teacher_model agree (whether the data has teacher scores is checked when it is read)."""
+    if loss.distill_loss not in DISTILL_LOSSES:
+        raise TextclError(f"distill_loss {loss.distill_loss!r}: use one of {', '.join(DISTILL_LOSSES)}")
+    if loss.distill_loss == "mse" and not loss.teacher_model:
+        raise TextclError("distill_loss mse matches a teacher's embeddings: set teacher_model (a model folder or Hub id)")
+    if loss.teacher_model and loss.distill_loss != "mse":
+        raise TextclError("teacher_model is read by distill_loss mse only (kl and margin_mse read the teacher's scores "
+                          "from the data: `textcl score`); set distill_loss: mse or drop teacher_model")
+    if not loss.distill_weight > 0 or not loss.distill_temperature > 0:
+        raise TextclError("distill_weight and distill_temperature must be > 0")
 
 
 def bf16_setting(value: object) -> str:

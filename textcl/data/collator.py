@@ -91,6 +91,7 @@ class ContrastiveCollator:
             "negative_ids": None,
             "negative_mask": None,
             "labels": None,
+            "teacher_scores": None,
         }
         if positives is not None:
             batch["positive"] = self.tokenize([self.document_prompt + p for p in positives], self.document_max_length)
@@ -105,6 +106,12 @@ class ContrastiveCollator:
             if flat_negatives:
                 texts = [self.document_prompt + n for n in flat_negatives]
                 batch["negatives"] = self.tokenize(texts, self.document_max_length)
+        if rows[0].get("teacher_scores") is not None:
+            width = 1 + self.num_negatives
+            batch["teacher_scores"] = torch.tensor(
+                [row["teacher_scores"][:width] + [0.0] * (width - len(row["teacher_scores"][:width])) for row in rows],
+                dtype=torch.float32,
+            )
         if rows[0].get("label") is not None:
             batch["labels"] = torch.tensor([text_id(str(row["label"])) for row in rows])
         return batch

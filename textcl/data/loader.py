@@ -62,16 +62,17 @@ def build_training_data(
     drop_last: bool = False,
     num_processes: int = 1,
     process_index: int = 0,
+    teacher_scores: bool = False,
 ) -> TrainingData:
     """Load the rows of `data` and batch them `batch_size` rows per process; errors name the fix before any
-    training starts. Streams are split between processes here; map-style batches are split by the caller
+    training starts. `teacher_scores`: read the data's `<column>_score` columns (distillation) into the batches. Streams are split between processes here; map-style batches are split by the caller
     (accelerate's prepared loader)."""
     unknown = set(data.augment) - set(AUGMENTATIONS)
     if unknown:
         raise TextclError(f"unknown augmentation {sorted(unknown)[0]!r}; valid: {', '.join(AUGMENTATIONS)}")
     if data.batch_per_source and data.streaming:
         raise TextclError("batch_per_source needs map-style data: set streaming: false")
-    rows = load_rows(data, report=process_index == 0)
+    rows = load_rows(data, report=process_index == 0, teacher_scores=teacher_scores)
     collator = ContrastiveCollator(
         tokenizer=tokenizer,
         query_max_length=data.query_max_length or max_seq_length,

@@ -20,7 +20,7 @@ import datasets
 from textcl.config import DataArguments
 from textcl.errors import TextclError
 from textcl.io.beir import beir_pairs
-from textcl.io.tables import load_table
+from textcl.io.tables import load_table, score_column
 
 
 def load_source(source: str, args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
@@ -43,10 +43,13 @@ def negative_columns(columns: list[str], args: DataArguments) -> list[str]:
     return chosen[: args.num_negatives] if args.num_negatives is not None else chosen
 
 
-def column_plan(columns: list[str], args: DataArguments, source: str) -> dict[str, Any]:
-    """Which source column feeds which row field; a one-line error names the columns found."""
+def column_plan(columns: list[str], args: DataArguments, source: str, teacher_scores: bool = False) -> dict[str, Any]:
+    """Which source column feeds which row field; a one-line error names the columns found. With
+    `teacher_scores`, also the `<column>_score` column of the positive and of each negative column."""
     if columns == ["text"] and Path(source).suffix == ".txt":
-        return {"anchor": "text", "positive": None, "negatives": [], "label": None}
+        if teacher_scores:
+            raise missing_scores(source, "positive_score", "a text file has no teacher scores")
+        return {"anchor": "text", "positive": None, "negatives": [], "label": None, "scores": []}
     found = f"columns found: {', '.join(columns)}"
     plan = {"anchor": args.anchor_column, "positive": args.positive_column or None, "label": args.label_column}
     plan["negatives"] = negative_columns(columns, args)
@@ -59,7 +62,33 @@ def column_plan(columns: list[str], args: DataArguments, source: str) -> dict[st
     for column in plan["negatives"]:
         if column not in columns:
             raise TextclError(f"negative column {column!r} not in {source}; {found}; set negative_columns")
+    plan["scores"] = []
+    if teacher_scores:
+        plan["scores"] = [score_column(c) for c in [plan["positive"] or "positive", *plan["negatives"]]]
+        for column in plan["scores"]:
+            if column not in columns:
+                raise missing_scores(source, column, found)
     return plan
+
+
+def missing_scores(source: str, column: str, found: str) -> TextclError:
+    return TextclError(
+        f"distill_loss kl and margin_mse read teacher scores from the data, but {source} has no {column!r} column "
+        f"({found}); write them with `textcl score TEACHER --data FILE --out FILE` (or `textcl mine MODEL --teacher "
+        "TEACHER ...`) and train on that file"
+    )
+
+
+def score_of(value: Any, column: str, source: str, index: int) -> float:
+    """A teacher score cell as a float (CSV cells are text); a missing or unreadable one is a TextclError."""
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        score = math.nan
+    if math.isnan(score):
+        raise TextclError(f"row {index + 1} of {source!r} has a text without a teacher score ({column}: {value!r}); "
+                          "score the file again with `textcl score`")
+    return score
 
 
 BLANK_LINE = "a blank line"
@@ -90,17 +119,20 @@ def problem_of(value: Any, role: str) -> str | None:
     return f"an {role} that is not text" if role == "anchor" else "a positive that is not text"
 
 
-def to_rows(table: Any, args: DataArguments, source: str, report: bool = True) -> Any:
+def to_rows(table: Any, args: DataArguments, source: str, report: bool = True, teacher_scores: bool = False) -> Any:
     """Map a raw table to rows. Cells that are numbers or booleans become text. Blank negatives are skipped (a
     row may have fewer); rows with an empty anchor, or an empty or null positive (`missing_positive`: error,
-    drop or dropout), are dropped, counted and reported by reason and row number (`report`: print it)."""
+    drop or dropout), are dropped, counted and reported by reason and row number (`report`: print it).
+    With `teacher_scores`, rows also hold `teacher_scores`: the positive's score, then each kept negative's."""
     columns = list(table.column_names or next(iter(table)).keys())
-    plan = column_plan(columns, args, source)
+    plan = column_plan(columns, args, source, teacher_scores)
     streaming = isinstance(table, datasets.IterableDataset)
     lines = Path(source).suffix == ".txt"  # a text file's blank lines separate texts: dropped unreported
 
     def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows: dict[str, list] = {"anchor": [], "positive": [], "negatives": [], "label": [], "dropped": []}
+        if plan["scores"]:
+            rows["teacher_scores"] = []
         for i, index in enumerate(indices):
             anchor = batch[plan["anchor"]][i]
             positive = batch[plan["positive"]][i] if plan["positive"] else None
@@ -116,6 +148,12 @@ def to_rows(table: Any, args: DataArguments, source: str, report: bool = True) -
             rows["anchor"].append(as_text(anchor) or "")
             rows["positive"].append(None if positive is None else as_text(positive))
             rows["negatives"].append([n for n in negatives if present(n)])
+            if plan["scores"]:  # the positive's score, then those of the negatives kept above
+                kept = [True] + [present(n) for n in negatives]
+                rows["teacher_scores"].append([
+                    score_of(batch[c][i], c, source, index) if not reason else 0.0
+                    for c, keep in zip(plan["scores"], kept) if keep
+                ])
             rows["label"].append(batch[plan["label"]][i] if plan["label"] else None)
             rows["dropped"].append(reason or "")
             if reason and streaming and report and reason not in reported and reason != BLANK_LINE:
@@ -141,8 +179,10 @@ def row_features(table: Any, plan: dict[str, Any]) -> datasets.Features | None:
         return None
     label = source[plan["label"]] if plan["label"] else datasets.Value("null")
     text = datasets.Value("string")
-    return datasets.Features({"anchor": text, "positive": text, "negatives": datasets.List(text), "label": label,
-                              "dropped": text})
+    features = {"anchor": text, "positive": text, "negatives": datasets.List(text), "label": label, "dropped": text}
+    if plan["scores"]:
+        features["teacher_scores"] = datasets.List(datasets.Value("float32"))
+    return datasets.Features(features)
 
 
 def missing_positives(source: str, count: int, rows: list[int]) -> TextclError:
@@ -183,16 +223,17 @@ def tag_source(batch: dict[str, list], index: int) -> dict[str, list]:
     return {"source": [index] * len(batch["anchor"])}
 
 
-def load_rows(args: DataArguments, report: bool = True) -> Any:
+def load_rows(args: DataArguments, report: bool = True, teacher_scores: bool = False) -> Any:
     """Rows of every source in `args.train_data`, concatenated (see module docstring), with a `source`
-    column (the source's index) when `batch_per_source` needs it; errors name the fix before any training
-    starts, and dropped rows are reported (`report`) by reason."""
+    column (the source's index) when `batch_per_source` needs it, and `teacher_scores` when asked (every source
+    must have them); errors name the fix before any training starts, and dropped rows are reported (`report`)
+    by reason."""
     parts = []
     for source in args.train_data:
         table = load_source(source, args)
         if not args.streaming and len(table) == 0:
             raise TextclError(f"train_data {source!r} has no rows")
-        rows = to_rows(table, args, source, report)
+        rows = to_rows(table, args, source, report, teacher_scores)
         if args.batch_per_source:
             rows = rows.map(tag_source, fn_kwargs={"index": len(parts)}, batched=True)
         parts.append(rows)

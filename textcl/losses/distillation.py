@@ -14,6 +14,7 @@ come with the data (`textcl score`, `textcl mine --teacher`). Student scores are
 
 Each is a mean over the rows (or pairs, or values) of ALL processes, times the world size on each process,
 so that DDP's gradient averaging gives the single-process gradient (as `InfoNCELoss` does).
+`DistilledLoss` adds one of them, weighted, to a contrastive loss (the `distill_*` settings of a run).
 """
 
 from __future__ import annotations
@@ -130,4 +131,49 @@ class EmbeddingMSELoss(nn.Module):
         return global_mean(errors, torch.full_like(errors, student.shape[1]))
 
 
-DISTILLATION_LOSSES = {"kl": KLDistillationLoss, "margin_mse": MarginMSELoss, "embedding_mse": EmbeddingMSELoss}
+DISTILLATION_LOSSES = {"kl": KLDistillationLoss, "margin_mse": MarginMSELoss, "mse": EmbeddingMSELoss}
+
+
+def real_rows(anchor: Tensor, positive: Tensor, negatives: Tensor | None, negative_mask: Tensor | None) -> Tensor:
+    """Every text's embedding of a batch: anchors, positives, then the real (unpadded) negatives, `[N, d]`."""
+    parts = [anchor, positive]
+    if negatives is not None:
+        parts.append(negatives.flatten(0, 1) if negative_mask is None else negatives[negative_mask])
+    return torch.cat(parts)
+
+
+class DistilledLoss(nn.Module):
+    """`contrastive(...) + weight * distillation(...)`: InfoNCE (or any loss with its signature) plus one of the
+    losses above. `teacher_scores` `[B, 1 + k]` feed `kl` and `margin_mse`; `teacher_embeddings` (the teacher's
+    anchor `[B, d]`, positive `[B, d]` and negatives `[B, k, d]` or None) feed `mse`, which compares every real
+    text of the batch. `parts` keeps the last call's two terms (detached) for logging."""
+
+    def __init__(self, contrastive: nn.Module, distillation: nn.Module, weight: float = 1.0) -> None:
+        super().__init__()
+        self.contrastive, self.distillation, self.weight = contrastive, distillation, weight
+        self.parts: dict[str, Tensor] = {}
+
+    def forward(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        negatives: Tensor | None = None,
+        *,
+        teacher_scores: Tensor | None = None,
+        teacher_embeddings: tuple[Tensor, Tensor, Tensor | None] | None = None,
+        negative_mask: Tensor | None = None,
+        **options: object,
+    ) -> Tensor:
+        """Scalar loss; `options` go to the contrastive loss."""
+        contrastive = self.contrastive(anchor, positive, negatives, negative_mask=negative_mask, **options)
+        if isinstance(self.distillation, EmbeddingMSELoss):
+            if teacher_embeddings is None:
+                raise TextclError("distill_loss mse needs the teacher's embeddings of the batch (teacher_model)")
+            distilled = self.distillation(real_rows(anchor, positive, negatives, negative_mask),
+                                          real_rows(*teacher_embeddings, negative_mask))
+        else:
+            if teacher_scores is None:
+                raise TextclError("distill_loss kl and margin_mse need teacher scores in the data (`textcl score`)")
+            distilled = self.distillation(anchor, positive, negatives, teacher_scores, negative_mask)
+        self.parts = {"contrastive_loss": contrastive.detach(), "distill_loss": distilled.detach()}
+        return contrastive + self.weight * distilled

@@ -1,4 +1,5 @@
-"""Building the pieces of a run from its config: encoder, loss, helpers (momentum encoder, guide), optimizer, and
+"""Building the pieces of a run from its config: encoder, loss, helpers (momentum encoder, guide, distillation
+teacher), optimizer, and
 the training options that change how the encoder computes (gradient checkpointing, torch.compile).
 The data is built by `textcl.data.loader.build_training_data`."""
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from textcl.config import LossArguments, ModelArguments, TrainConfig, TrainingArguments
 from textcl.errors import TextclError
+from textcl.losses.distillation import DISTILLATION_LOSSES, DistilledLoss
 from textcl.losses.infonce import InfoNCELoss
 from textcl.losses.matryoshka import MatryoshkaLoss
 from textcl.losses.queue import MomentumEncoder
@@ -95,7 +97,37 @@ def build_loss(args: LossArguments) -> nn.Module:
     )
     if args.matryoshka_dims:
         loss = MatryoshkaLoss(loss, list(args.matryoshka_dims), list(args.matryoshka_weights) or None)
+    if args.distill_loss != "none":
+        options = {"temperature": args.distill_temperature} if args.distill_loss == "kl" else {}
+        loss = DistilledLoss(loss, DISTILLATION_LOSSES[args.distill_loss](**options), args.distill_weight)
     return loss
+
+
+def reads_teacher_scores(args: LossArguments) -> bool:
+    """The run's loss needs the data's teacher scores (distill_loss kl or margin_mse)."""
+    return args.distill_loss in ("kl", "margin_mse")
+
+
+def check_distillation_data(args: LossArguments, num_negatives: int) -> None:
+    """MarginMSE compares the positive with negatives: the data must have some."""
+    if args.distill_loss == "margin_mse" and num_negatives == 0:
+        raise TextclError("distill_loss margin_mse needs hard negatives in the data (with their teacher scores); "
+                          "mine them with `textcl mine MODEL --teacher TEACHER`, or use distill_loss kl")
+
+
+def build_teacher(args: LossArguments, student: Encoder, device: torch.device) -> Encoder | None:
+    """The frozen teacher of distill_loss mse, or None. It embeds the student's tokenized batches, so both must
+    share a tokenizer, and its embeddings must be as wide as the student's."""
+    if args.distill_loss != "mse":
+        return None
+    teacher = Encoder.load(args.teacher_model, device=device).eval().requires_grad_(False)
+    if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        raise TextclError(f"teacher_model {args.teacher_model!r} has another tokenizer than the student; distill_loss "
+                          "mse needs the same one (a `textcl shrink` student keeps its teacher's)")
+    if teacher.dim != student.dim:
+        raise TextclError(f"teacher_model gives {teacher.dim}-dimensional embeddings, the student {student.dim}; set "
+                          f"dense_dim: {teacher.dim} to project the student")
+    return teacher
 
 
 def build_helpers(args: LossArguments, encoder: Encoder, device: torch.device) -> tuple[Any, Encoder | None]:

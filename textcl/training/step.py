@@ -120,8 +120,10 @@ def optimizer_step(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -
 class StepRunner:
     """Computes the loss of a batch and runs its backward; keeps what the logger reports.
 
-    Optional helpers: a negative queue filled by a momentum encoder (MoCo / ESimCSE), and a frozen
-    guide model whose similarities decide which candidates are false negatives. Per optimizer step (which
+    Optional helpers: a negative queue filled by a momentum encoder (MoCo / ESimCSE), a frozen
+    guide model whose similarities decide which candidates are false negatives, and a frozen teacher whose
+    embeddings of the batch a distillation loss (`DistilledLoss`, distill_loss: mse) matches. Teacher scores
+    that came with the data (`batch["teacher_scores"]`) go to the loss as they are. Per optimizer step (which
     may span several micro-batches with gradient accumulation): `backward` for each batch from `batches`,
     then `end_step` once the optimizer had its turn.
     """
@@ -134,12 +136,13 @@ class StepRunner:
         accelerator: Accelerator,
         momentum: MomentumEncoder | None = None,
         guide: Encoder | None = None,
+        teacher: Encoder | None = None,
     ) -> None:
         self.model, self.loss, self.accelerator = model, loss, accelerator
         self.chunk_size = config.loss.gradcache_chunk_size
         self.forward_chunk_size = forward_chunk_size(config, accelerator)
         self.mask_duplicates = config.loss.mask_duplicate_texts
-        self.momentum, self.guide = momentum, guide
+        self.momentum, self.guide, self.teacher = momentum, guide, teacher
         self.queue = None
         if momentum is not None:
             # Built before accelerate.prepare; DDP has since broadcast rank 0's weights, which differ from this
@@ -184,6 +187,11 @@ class StepRunner:
         if self.guide is not None:
             with torch.no_grad():
                 extras["guide"] = split_views([self.guide.embed(**group) for group in groups], batch)
+        if batch.get("teacher_scores") is not None:
+            extras["teacher_scores"] = batch["teacher_scores"]
+        if self.teacher is not None:
+            with torch.no_grad():
+                extras["teacher_embeddings"] = split_views([self.teacher.embed(**group) for group in groups], batch)
         return extras
 
     def backward(self, batch: dict[str, Any]) -> Tensor:
@@ -234,5 +242,8 @@ class StepRunner:
         return loss.item()
 
     def statistics(self) -> dict[str, float]:
-        """Similarity statistics of the last batch (local rows)."""
-        return contrastive_stats(*self.last_views) if self.last_views is not None else {}
+        """Similarity statistics of the last batch (local rows); with distillation, the last batch's two loss
+        terms on this process (`contrastive_loss`, `distill_loss`, before `distill_weight`)."""
+        stats = contrastive_stats(*self.last_views) if self.last_views is not None else {}
+        parts = getattr(self.loss, "parts", None) or {}
+        return stats | {name: value.item() for name, value in parts.items()}

@@ -70,7 +70,10 @@ from textcl.training.setup import (
     build_helpers,
     build_loss,
     build_optimizer,
+    build_teacher,
+    check_distillation_data,
     check_training_options,
+    reads_teacher_scores,
 )
 from textcl.training.step import StepRunner, optimizer_step
 
@@ -133,11 +136,13 @@ class Trainer:
                 config.data, tokenizer=self.encoder.tokenizer, max_seq_length=self.encoder.max_seq_length,
                 prompts=self.encoder.prompts, batch_size=args.per_device_train_batch_size, seed=args.seed,
                 drop_last=args.dataloader_drop_last, num_processes=self.accelerator.num_processes,
-                process_index=self.accelerator.process_index,
+                process_index=self.accelerator.process_index, teacher_scores=reads_teacher_scores(config.loss),
             )
+        check_distillation_data(config.loss, self.data.num_negatives)
         self.loss = build_loss(config.loss)
         self.optimizer = build_optimizer(self.encoder, self.loss, args)
         momentum, guide = build_helpers(config.loss, self.encoder, self.accelerator.device)
+        teacher = build_teacher(config.loss, self.encoder, self.accelerator.device)
         apply_training_options(self.encoder, args)  # after build_helpers: the momentum copy stays uncompiled
         self.model, self.optimizer = self.accelerator.prepare(self.encoder, self.optimizer)
         streaming = config.data.streaming  # streams are split between processes by the data, not by accelerate
@@ -150,7 +155,7 @@ class Trainer:
         # process, which is right only when the step count was computed for a single process.
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, warmup, self.max_steps)
         self.position = TrainingPosition()
-        self.steps = StepRunner(config, self.model, self.loss, self.accelerator, momentum, guide)
+        self.steps = StepRunner(config, self.model, self.loss, self.accelerator, momentum, guide, teacher)
         # textcl's own state, saved as safetensors + JSON by textcl.training.checkpoint (never as pickles)
         self.objects = {"scheduler": self.scheduler, "position": self.position, "loss": self.loss}
         self.objects |= {type(helper).__name__: helper for helper in self.steps.stateful()}
