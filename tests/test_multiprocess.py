@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
-from conftest import SENTENCES
+from conftest import SENTENCES, build_tiny_bert
 from gloo_processes import launch, run_processes
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from textcl import Encoder
 from textcl.config import load_config
@@ -61,6 +62,10 @@ CASES: dict[str, dict] = {
     "fsdp_resumed": {"env": FSDP, "forward_chunk_size": 4, "save_steps": 2, "resume_from_checkpoint": "latest",
                      **CONSTANT},
     "fresh_heads": {"setup_only": True, "queue_size": 16, "pooling": "cls_mlp", "dense_dim": 16, "lora": True},
+    "distill_kl": {"data": "scored", "distill_loss": "kl", "distill_temperature": 0.5, "distill_weight": 2.0,
+                   "forward_chunk_size": 4, "max_steps": 3},
+    "distill_mse": {"teacher": True, "distill_loss": "mse", "distill_weight": 5.0, "gradcache_chunk_size": 3,
+                    "max_steps": 3},
 }
 
 
@@ -87,14 +92,24 @@ def ragged_rows() -> list[dict]:
     return rows
 
 
+def scored_rows() -> list[dict]:
+    """The ragged rows with made-up teacher scores for the positive and each present negative."""
+    rng = np.random.default_rng(7)
+    return [row | {f"{name}_score": float(rng.uniform(-1, 1)) if row.get(name, True) else None
+                   for name in ("positive", "negative", "negative_2")} for row in ragged_rows()]
+
+
 def pair_rows(start: int, count: int) -> list[dict]:
     text = texts()
     return [{"anchor": text[i], "positive": " ".join(text[i].split()[: 3 + i % 9])} for i in range(start, start + count)]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+def data(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, list[str]]:
     folder = tmp_path_factory.mktemp("mp-data")
+    teacher = folder / "teacher"
+    build_tiny_bert(len(AutoTokenizer.from_pretrained(tiny_model_dir)), seed=1).save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(teacher)
     sts = folder / "sts.tsv"
     sts.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{i % 5}\n" for i, (a, b) in
                                                              enumerate(pairwise(SENTENCES))))
@@ -106,6 +121,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         # streamed rows alternate between the processes: 17 and 16 rows, so rank 0 has a third batch (of 1)
         "stream": [str(write_jsonl(folder / "stream.jsonl", pair_rows(0, 33)))],
         "sts": [str(sts)],
+        "scored": [str(write_jsonl(folder / "scored.jsonl", scored_rows()))],
+        "teacher": [str(teacher)],
     }
 
 
@@ -115,8 +132,10 @@ def overrides(model: Path, data: dict[str, list[str]], output: Path, case: dict,
                 "logging_steps": 1, "max_seq_length": 24, "dropout": 0.0, "pooling": "mean", "forward_chunk_size": 0}
     if case.get("evaluate"):
         settings["eval_sts"] = data["sts"]
+    if case.get("teacher"):  # a frozen teacher for distill_loss mse: the test model with other weights
+        settings["teacher_model"] = data["teacher"][0]
     settings |= {key: value for key, value in case.items() if key not in ("data", "env", "output", "setup_only",
-                                                                            "evaluate")}
+                                                                            "evaluate", "teacher")}
     arguments = []
     for key, value in settings.items():
         values = value if isinstance(value, list) else [value]
@@ -234,6 +253,15 @@ def test_ragged_negatives_two_processes_equal_one_process(two: Path, one, name: 
     checkpointing too), an uneven last batch: the losses of one process with the doubled batch (GradCache and
     checkpointing compute plain backprop's gradients)."""
     assert_same_losses(losses(two / name), losses(one("ragged").output_dir))
+
+
+@pytest.mark.parametrize("name", ["distill_kl", "distill_mse"])
+def test_distillation_two_processes_equal_one_process(two: Path, one, name: str) -> None:
+    """KL against the data's teacher scores (forward chunks of 4) and MSE against a frozen teacher's embeddings
+    (GradCache chunks of 3), on ragged negatives: the losses and both logged terms of one process x 16."""
+    assert_same_losses(losses(two / name), losses(one(name).output_dir))
+    assert all(record["distill_loss"] > 1e-4 for record in records(one(name).output_dir))
+    assert losses(one(name).output_dir) != pytest.approx(losses(one("ragged").output_dir), abs=1e-3)  # it counts
 
 
 def test_gradient_accumulation_over_epochs(two: Path, one) -> None:
