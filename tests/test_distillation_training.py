@@ -166,3 +166,24 @@ def test_margin_mse_without_negatives_and_mse_with_another_width_are_refused(
     with pytest.raises(TextclError, match="set dense_dim: 32"):
         Trainer(load_config(None, run_settings(tiny_model_dir, pairs, tmp_path / "b", distill_loss="mse",
                                                teacher_model=teacher_dir, dense_dim=16)))
+
+
+def test_the_distill_small_recipe_trains_a_shrunk_student_on_mined_teacher_scores(
+    teacher_dir: Path, rows_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recipes/distill-small.yaml as its header says (shrink the teacher, mine with it, train), on tiny data: the
+    run reads the mined file's teacher scores, logs both loss terms and saves a 1-layer student."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    student, mined, out = tmp_path / "student", tmp_path / "mined.jsonl", tmp_path / "distilled"
+    assert main(["shrink", str(teacher_dir), "--num_layers", "1", "--out", str(student)]) == 0
+    assert main(["mine", str(teacher_dir), "--data", str(rows_file), "--out", str(mined), "--num_negatives", "3",
+                 "--min_negatives", "0", "--range_min", "0", "--range_max", "10", "--max_score_ratio", "none",
+                 "--no_cache"]) == 0  # a random teacher scores everything alike: no threshold
+    overrides = ["--model_name_or_path", str(student), "--train_data", str(mined), "--output_dir", str(out),
+                 "--max_seq_length", "24", "--query_max_length", "16", "--document_max_length", "24",
+                 "--per_device_train_batch_size", "8", "--max_steps", "2", "--logging_steps", "1", "--bf16", "false"]
+    assert main(["train", "recipes/distill-small.yaml", *overrides]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if "distill_loss" in record]
+    assert len(steps) == 2 and all(r["distill_loss"] > 0 and r["loss"] > r["contrastive_loss"] for r in steps)
+    assert Encoder.load(out).model.config.num_hidden_layers == 1

@@ -109,10 +109,12 @@ def reads_teacher_scores(args: LossArguments) -> bool:
 
 
 def check_distillation_data(args: LossArguments, num_negatives: int) -> None:
-    """MarginMSE compares the positive with negatives: the data must have some."""
-    if args.distill_loss == "margin_mse" and num_negatives == 0:
-        raise TextclError("distill_loss margin_mse needs hard negatives in the data (with their teacher scores); "
-                          "mine them with `textcl mine MODEL --teacher TEACHER`, or use distill_loss kl")
+    """KL and MarginMSE compare the positive with hard negatives (a softmax over the positive alone is 1): the data
+    must have some."""
+    if reads_teacher_scores(args) and num_negatives == 0:
+        raise TextclError(f"distill_loss {args.distill_loss} needs hard negatives in the data (with their teacher "
+                          "scores); mine them with `textcl mine TEACHER` (or `--teacher TEACHER`), or use distill_loss "
+                          "mse")
 
 
 def build_teacher(args: LossArguments, student: Encoder, device: torch.device) -> Encoder | None:
