@@ -88,6 +88,11 @@ class DataArguments:
     eval_sts: list[str] = field(default_factory=list, metadata={"help": "STS files (sentence1, sentence2, score)."})
     eval_beir: str | None = field(default=None, metadata={"help": "A BEIR folder to evaluate retrieval on."})
     eval_beir_split: str = "test"
+    remine_steps: int = field(
+        default=0, metadata={"help": "Every N optimizer steps, re-encode the corpus with the model being trained and "
+                             "replace each row's hard negatives (as `textcl mine` chooses them: its settings from the "
+                             "mined file's sidecar, or its defaults for a BEIR folder; num_negatives wins); 0: off."}
+    )
 
 
 @dataclass
@@ -276,7 +281,23 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
     if config.model.lora_merge and not config.model.lora:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
     check_distillation(config.loss)
+    check_remining(config)
     return config
+
+
+def check_remining(config: TrainConfig) -> None:
+    """remine_steps needs one map-style source, and no teacher scores (they belong to the negatives it replaces)."""
+    data = config.data
+    if data.remine_steps < 0:
+        raise TextclError("remine_steps must be >= 0 (0: off)")
+    if not data.remine_steps:
+        return
+    if data.streaming or len(data.train_data) != 1:
+        raise TextclError("remine_steps re-mines one train_data source (a BEIR folder or a file written by `textcl "
+                          "mine`), not streamed: set streaming: false and one train_data")
+    if config.loss.distill_loss in ("kl", "margin_mse"):
+        raise TextclError(f"remine_steps replaces the negatives whose teacher scores distill_loss "
+                          f"{config.loss.distill_loss} reads; use distill_loss mse or none with remine_steps")
 
 
 def check_distillation(loss: LossArguments) -> None:

@@ -58,6 +58,7 @@ class ContrastiveCollator:
     document_prompt: str = ""
     augment: tuple[str, ...] = ()
     seed: int = 0
+    row_keys: bool = False
     epoch: int = field(default=0, repr=False)
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -79,8 +80,6 @@ class ContrastiveCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         anchors = [row["anchor"] for row in rows]
         positives = self.positives(rows)
-        negatives = [row["negatives"][: self.num_negatives] for row in rows]
-        flat_negatives = [text for row_negatives in negatives for text in row_negatives]
         documents = positives if positives is not None else anchors
         batch: dict[str, Any] = {
             "anchor": self.tokenize([self.query_prompt + a for a in anchors], self.query_max_length),
@@ -95,6 +94,25 @@ class ContrastiveCollator:
         }
         if positives is not None:
             batch["positive"] = self.tokenize([self.document_prompt + p for p in positives], self.document_max_length)
+        self.add_negatives(batch, [row["negatives"] for row in rows])
+        if self.row_keys:
+            batch["row_keys"] = [(row["anchor"], row["positive"]) for row in rows]
+        if rows[0].get("teacher_scores") is not None:
+            width = 1 + self.num_negatives
+            batch["teacher_scores"] = torch.tensor(
+                [row["teacher_scores"][:width] + [0.0] * (width - len(row["teacher_scores"][:width])) for row in rows],
+                dtype=torch.float32,
+            )
+        if rows[0].get("label") is not None:
+            batch["labels"] = torch.tensor([text_id(str(row["label"])) for row in rows])
+        return batch
+
+    def add_negatives(self, batch: dict[str, Any], negatives: list[list[str]]) -> dict[str, Any]:
+        """Set (or replace) `batch`'s `negatives`, `negative_ids` and `negative_mask` from each row's negative texts
+        (the first `num_negatives` of each); returns `batch`."""
+        negatives = [row[: self.num_negatives] for row in negatives]
+        flat_negatives = [text for row_negatives in negatives for text in row_negatives]
+        batch |= {"negatives": None, "negative_ids": None, "negative_mask": None}
         if self.num_negatives:
             missing = [self.num_negatives - len(row) for row in negatives]
             batch["negative_ids"] = torch.tensor(
@@ -106,12 +124,4 @@ class ContrastiveCollator:
             if flat_negatives:
                 texts = [self.document_prompt + n for n in flat_negatives]
                 batch["negatives"] = self.tokenize(texts, self.document_max_length)
-        if rows[0].get("teacher_scores") is not None:
-            width = 1 + self.num_negatives
-            batch["teacher_scores"] = torch.tensor(
-                [row["teacher_scores"][:width] + [0.0] * (width - len(row["teacher_scores"][:width])) for row in rows],
-                dtype=torch.float32,
-            )
-        if rows[0].get("label") is not None:
-            batch["labels"] = torch.tensor([text_id(str(row["label"])) for row in rows])
         return batch

@@ -64,6 +64,7 @@ from textcl.training.parallel import (
     process_group_kwargs,
     shard_batches,
 )
+from textcl.training.remining import build_remining
 from textcl.training.setup import (
     apply_training_options,
     build_encoder,
@@ -139,6 +140,8 @@ class Trainer:
                 process_index=self.accelerator.process_index, teacher_scores=reads_teacher_scores(config.loss),
             )
         check_distillation_data(config.loss, self.data.num_negatives)
+        self.remining = build_remining(config.data, self.data.loader.dataset, self.data.collator,
+                                       self.precision if self.precision == "bf16" else "fp32")
         self.loss = build_loss(config.loss)
         self.optimizer = build_optimizer(self.encoder, self.loss, args)
         momentum, guide = build_helpers(config.loss, self.encoder, self.accelerator.device)
@@ -159,6 +162,8 @@ class Trainer:
         # textcl's own state, saved as safetensors + JSON by textcl.training.checkpoint (never as pickles)
         self.objects = {"scheduler": self.scheduler, "position": self.position, "loss": self.loss}
         self.objects |= {type(helper).__name__: helper for helper in self.steps.stateful()}
+        if self.remining is not None:
+            self.objects["remining"] = self.remining
         self.guard = NonFiniteGuard(args.max_nonfinite_steps)
         self.model_bytes, self.checkpoint_bytes = self.saved_bytes()
         # a disk too small fails now, not after hours of training (on every process: they all stop)
@@ -272,7 +277,7 @@ class Trainer:
             loader = self.prepared_loader
             if position.batches_in_epoch:
                 loader = accelerator.skip_first_batches(loader, position.batches_in_epoch)
-            for batch in self.steps.batches(loader):
+            for batch in self.steps.batches(loader if self.remining is None else self.remining.apply(loader)):
                 with accelerator.accumulate(self.model):
                     loss = self.steps.backward(batch)
                     finite = not accelerator.sync_gradients or not any_process(
@@ -305,6 +310,9 @@ class Trainer:
                 if len(self.guard.streak) >= self.guard.max_steps:
                     bar.close()
                     self.guard.raise_if_diverged()
+                if self.remining is not None and self.remining.due(position.step) and position.step < self.max_steps:
+                    encoder = evaluation_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
+                    self.log({"step": position.step, **self.remining.remine(encoder)})
                 if args.eval_steps and position.step % args.eval_steps == 0:
                     metrics = self.evaluate()
                     self.log({"step": position.step, **metrics})
