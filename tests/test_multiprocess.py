@@ -36,7 +36,9 @@ from textcl.config import load_config
 from textcl.data.loader import build_training_data
 from textcl.demo.run import demo_rows
 from textcl.evaluation.suite import evaluate
+from textcl.io.tables import write_table
 from textcl.losses import InfoNCELoss
+from textcl.retrieval.mining import mine_hard_negatives
 from textcl.training.setup import build_encoder
 from textcl.training.step import forwards_needed
 from textcl.training.trainer import Trainer
@@ -64,6 +66,7 @@ CASES: dict[str, dict] = {
     "fresh_heads": {"setup_only": True, "queue_size": 16, "pooling": "cls_mlp", "dense_dim": 16, "lora": True},
     "distill_kl": {"data": "scored", "distill_loss": "kl", "distill_temperature": 0.5, "distill_weight": 2.0,
                    "forward_chunk_size": 4, "max_steps": 3},
+    "remine": {"data": "mined", "remine_steps": 1, "learning_rate": 0.0, "max_steps": 2},
     "distill_mse": {"teacher": True, "distill_loss": "mse", "distill_weight": 5.0, "gradcache_chunk_size": 3,
                     "max_steps": 3},
 }
@@ -99,6 +102,21 @@ def scored_rows() -> list[dict]:
                    for name in ("positive", "negative", "negative_2")} for row in ragged_rows()]
 
 
+def mined_file(folder: Path, model: Path) -> Path:
+    """44 pairs with 2 negatives each mined by the test model (as `textcl mine` writes them, sidecar included)."""
+    pairs = write_jsonl(folder / "pairs.jsonl", pair_rows(0, ROWS))
+    rows = pair_rows(0, ROWS)
+    mined = mine_hard_negatives(Encoder.load(model, pooling="mean"), [r["anchor"] for r in rows],
+                                [r["positive"] for r in rows], texts()[200:300], num_negatives=2, min_negatives=0,
+                                range_min=0, range_max=10, max_score_ratio=None, margin=None)
+    out = folder / "mined.jsonl"
+    write_table(mined.columns, out, provenance={"command": "mine", "data": str(pairs), "split": "train",
+                                                "corpus": str(write_jsonl(folder / "corpus.jsonl", [
+                                                    {"text": t} for t in texts()[200:300]])),
+                                                "settings": mined.settings})
+    return out
+
+
 def pair_rows(start: int, count: int) -> list[dict]:
     text = texts()
     return [{"anchor": text[i], "positive": " ".join(text[i].split()[: 3 + i % 9])} for i in range(start, start + count)]
@@ -123,6 +141,7 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict
         "sts": [str(sts)],
         "scored": [str(write_jsonl(folder / "scored.jsonl", scored_rows()))],
         "teacher": [str(teacher)],
+        "mined": [str(mined_file(folder, tiny_model_dir))],
     }
 
 
@@ -176,6 +195,9 @@ def worker(rank: int, folder: Path, model: Path, data: dict[str, list[str]]) -> 
                            output.parent / f"{name}-rank{rank}.pt")
                 continue
             trainer.train()
+            if trainer.remining is not None:
+                negatives = trainer.remining.state_dict()["negatives"]
+                (folder / f"{name}-negatives-rank{rank}.json").write_text(json.dumps(negatives))
             queue = trainer.steps.queue
             if queue is not None:
                 torch.save(queue.negatives.clone(), folder / f"{name}-queue-rank{rank}.pt")
@@ -262,6 +284,24 @@ def test_distillation_two_processes_equal_one_process(two: Path, one, name: str)
     assert_same_losses(losses(two / name), losses(one(name).output_dir))
     assert all(record["distill_loss"] > 1e-4 for record in records(one(name).output_dir))
     assert losses(one(name).output_dir) != pytest.approx(losses(one("ragged").output_dir), abs=1e-3)  # it counts
+
+
+def test_remining_two_processes_equal_one_process(two: Path, one) -> None:
+    """Re-mining after each step, the corpus encoded half by each process: both processes hold the negatives that
+    one process mines alone (the model held still at learning rate 0: mined batches repeat texts, so 2 x 8 rows
+    and 1 x 16 would not make the same updates), and log the same counts."""
+    ranks = [json.loads((two / f"remine-negatives-rank{rank}.json").read_text()) for rank in (0, 1)]
+    alone = one("remine").remining.state_dict()["negatives"]
+    assert ranks[0] == ranks[1] == alone and any(alone)
+    logged = [[r for r in records_of(output) if "negatives_changed" in r] for output in
+              (two / "remine", one("remine").output_dir)]
+    assert [r["step"] for r in logged[0]] == [1] and logged[0][0]["remined_negatives"] > 0
+    assert [(r["remined_negatives"], r["negatives_changed"]) for r in logged[0]] == [
+        (r["remined_negatives"], r["negatives_changed"]) for r in logged[1]]
+
+
+def records_of(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_gradient_accumulation_over_epochs(two: Path, one) -> None:
