@@ -54,7 +54,6 @@ from textcl.training.guards import (
     json_safe,
     nonfinite_tensors,
     step_is_finite,
-    training_warnings,
 )
 from textcl.training.parallel import (
     apply_launch_config,
@@ -73,6 +72,7 @@ from textcl.training.setup import (
     check_training_options,
 )
 from textcl.training.step import StepRunner, optimizer_step
+from textcl.training.summary import run_warnings, summary_lines
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
@@ -259,6 +259,10 @@ class Trainer:
             if accelerator.is_main_process:
                 trim_metrics(self.output_dir, self.position.step)
         position = self.position
+        if position.step == 0:  # the base model's evaluation, the "before" of the summary (logged as step 0)
+            base = self.evaluate()
+            if base:
+                self.log({"step": 0, **base})
         self.model.train()  # from_pretrained returns eval mode: no dropout, so no SimCSE positives
         bar = tqdm(total=self.max_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
         started, samples = time.perf_counter(), 0
@@ -312,14 +316,17 @@ class Trainer:
                 position.epoch += 1
                 position.batches_in_epoch = 0
         bar.close()
-        if accelerator.is_main_process:
-            batch = args.per_device_train_batch_size * accelerator.num_processes
-            for warning in training_warnings(read_metrics(self.output_dir), batch):
-                print(f"textcl: warning: {warning}", file=sys.stderr)
         runtime = time.perf_counter() - started
         speed = {"train_runtime": runtime, "train_samples_per_second": samples / runtime}
         self.log({"step": position.step, **speed})
-        return self.finish() | {"train": speed}
+        metrics = self.finish()
+        if accelerator.is_main_process:
+            records, saved = read_metrics(self.output_dir), self.saved_evaluation(metrics)[0]
+            print("\n".join(summary_lines(self.output_dir, records, saved)))
+            batch = args.per_device_train_batch_size * accelerator.num_processes
+            for warning in run_warnings(records, batch, saved):
+                print(f"textcl: warning: {warning}", file=sys.stderr)
+        return metrics | {"train": speed}
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation, best-model selection, and the saved model folder; returns the evaluation."""
