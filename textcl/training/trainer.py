@@ -31,6 +31,7 @@ from textcl.errors import TextclError
 from textcl.hub.model_card import TrainingRun, write_model_card
 from textcl.hub.push import push_to_hub, require_token
 from textcl.io.atomic import check_free_space, exclusive_lock, write_folder, write_text_atomically
+from textcl.io.sources import check_local_sources, data_sources
 from textcl.model.device import default_device
 from textcl.model.encoder import Encoder
 from textcl.model.lora import is_adapter, merged
@@ -416,6 +417,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     The first process holds output_dir's write lock for the whole run, so a second run into the same folder is
     refused instead of mixing checkpoints with this one.
     """
+    check_local_sources(data_sources(config.data))  # a missing file is one line before the model loads
     output_dir = Path(config.training.output_dir)
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
