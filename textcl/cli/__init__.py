@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from textcl import __version__
+from textcl.cli.launch import report_error
 from textcl.cli.quiet import set_library_output
 from textcl.errors import TextclError
 
@@ -69,5 +70,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.device = resolve_device(args.device, what="--device")
         return args.run(args) or 0
     except TextclError as error:
-        print(f"textcl: error: {error}", file=sys.stderr)
+        report_error(error)  # printed, or in a child of `train --num_processes`, left to the parent to print
         return 2

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 
+from textcl.cli.launch import launch_training
 from textcl.config import PARTS, TrainConfig, load_config
 from textcl.io.sources import check_local_sources, data_sources, hub_dataset
 
@@ -41,6 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = settings_help()
     parser.add_argument("--json", action="store_true",
                         help="also print the final metrics as JSON (output_dir/textcl.json holds them too)")
+    parser.add_argument("--num_processes", type=int, default=None, metavar="N",
+                        help="train in N processes (accelerate's launcher: one per GPU, or gloo on a CPU-only machine)")
     parser.set_defaults(takes_overrides=True)
 
 
@@ -56,12 +59,15 @@ def check_hub_sources(config: TrainConfig) -> None:
             load_table(source, split=split, streaming=data.streaming and setting == "train_data", what=setting)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int | None:
     overrides = list(args.overrides)
     recipe = overrides.pop(0) if overrides and not overrides[0].startswith("-") else None
     config = load_config(recipe, overrides)
     check_local_sources(data_sources(config.data), recipe)
     check_hub_sources(config)
+    if args.num_processes is not None:
+        return launch_training(args.num_processes, [*args.overrides, *(["--json"] if args.json else [])],
+                               getattr(args, "verbose", False))
     from textcl.training.trainer import train  # torch, accelerate, transformers: after the cheap checks
 
     metrics = train(config)

@@ -422,7 +422,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
     with lock if first_process else contextlib.nullcontext():
-        trainer = Trainer(config)
+        with collective_failures(lambda: 0, config.training.ddp_timeout):  # another process failed setting up
+            trainer = Trainer(config)
         with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps),
                                  config.training.ddp_timeout):
             return trainer.train()
