@@ -260,10 +260,10 @@ class Trainer:
             if accelerator.is_main_process:
                 trim_metrics(self.output_dir, self.position.step)
         position = self.position
-        if position.step == 0:  # the base model's evaluation, the "before" of the summary (logged as step 0)
-            base = self.evaluate()
-            if base:
-                self.log({"step": 0, **base})
+        if position.step == 0 and (self.config.data.eval_sts or self.config.data.eval_beir):
+            if accelerator.is_main_process:  # the "before" of the closing summary, logged as step 0
+                print("textcl: evaluating the base model (step 0)", file=sys.stderr)
+            self.log({"step": 0, **self.evaluate()})
         self.model.train()  # from_pretrained returns eval mode: no dropout, so no SimCSE positives
         bar = tqdm(total=self.max_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
         started, samples = time.perf_counter(), 0
