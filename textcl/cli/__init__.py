@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from textcl import __version__
+from textcl.cli.launch import report_error
+from textcl.cli.quiet import set_library_output
 from textcl.errors import TextclError
 
 # command -> (module, configure function, run function, one-line help)
@@ -38,10 +40,13 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser, with the options of the command named in `argv` (the first word not starting with -)."""
     parser = argparse.ArgumentParser(prog="textcl", description="Train, evaluate and serve text embedding models.")
     parser.add_argument("--version", action="version", version=f"textcl {__version__}")
+    verbose = "show the progress bars and info logs of transformers, datasets and huggingface_hub (hidden by default)"
+    parser.add_argument("--verbose", action="store_true", help=verbose)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((word for word in argv if not word.startswith("-")), None)
     for name, (module, configure, run, help_text) in COMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        subparser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose)
         if name == chosen:
             commands = importlib.import_module(f"textcl.cli.{module}")
             getattr(commands, configure)(subparser)
@@ -58,11 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if overrides and not getattr(args, "takes_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
         args.overrides = overrides
+        set_library_output(args.verbose)
         if hasattr(args, "device"):
             from textcl.model.device import resolve_device  # torch: only for commands that run a model
 
             args.device = resolve_device(args.device, what="--device")
         return args.run(args) or 0
     except TextclError as error:
-        print(f"textcl: error: {error}", file=sys.stderr)
+        report_error(error)  # printed, or in a child of `train --num_processes`, left to the parent to print
         return 2

@@ -2,7 +2,7 @@
 `encode` accept the same inputs.
 
 `load_table` reads a local .csv/.tsv/.json/.jsonl/.parquet/.txt file or a Hub dataset id through
-`datasets.load_dataset` (Arrow, memory-mapped; streaming on request). CSV and TSV cells are read as text,
+`datasets.load_dataset` (Arrow, memory-mapped; streaming on request; `owner/name:config` picks a config). CSV and TSV cells are read as text,
 so a column of digits stays text and only an empty cell is missing. A file that does not read is reported
 as one line naming the file and line (`textcl.io.text`). `read_corpus` adds BEIR folders and the id
 conventions of corpora (`textcl.io.corpus`); `write_table` writes .jsonl/.tsv/.csv/.parquet.
@@ -20,12 +20,12 @@ from typing import Any
 import datasets
 
 from textcl.errors import TextclError
+from textcl.io.sources import hub_dataset
 from textcl.io.text import check_utf8, locate_problem
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 DELIMITERS = {".tsv": "\t", ".csv": ","}
 OUTPUT_SUFFIXES = (".jsonl", ".tsv", ".csv", ".parquet")
-HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def load_table(
@@ -52,9 +52,10 @@ def load_table(
         if builder == "csv":
             options |= text_cells(path, DELIMITERS[path.suffix])
         return read(builder, options, streaming, source, what, path)
-    if not HUB_DATASET.match(source) or path.suffix in BUILDERS:
+    hub = hub_dataset(source)
+    if hub is None:
         raise TextclError(f"{what} {source!r} does not exist")
-    return read(source, {"split": split}, streaming, source, what, None)
+    return read(hub[0], {"name": hub[1], "split": split}, streaming, source, what, None)
 
 
 def text_cells(path: Path, delimiter: str) -> dict[str, Any]:

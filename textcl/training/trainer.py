@@ -31,6 +31,7 @@ from textcl.errors import TextclError
 from textcl.hub.model_card import TrainingRun, write_model_card
 from textcl.hub.push import push_to_hub, require_token
 from textcl.io.atomic import check_free_space, exclusive_lock, write_folder, write_text_atomically
+from textcl.io.sources import check_local_sources, data_sources
 from textcl.model.device import default_device
 from textcl.model.encoder import Encoder
 from textcl.model.lora import is_adapter, merged
@@ -54,7 +55,6 @@ from textcl.training.guards import (
     json_safe,
     nonfinite_tensors,
     step_is_finite,
-    training_warnings,
 )
 from textcl.training.parallel import (
     apply_launch_config,
@@ -77,6 +77,7 @@ from textcl.training.setup import (
     reads_teacher_scores,
 )
 from textcl.training.step import StepRunner, optimizer_step
+from textcl.training.summary import run_warnings, summary_lines
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
@@ -269,6 +270,10 @@ class Trainer:
             if accelerator.is_main_process:
                 trim_metrics(self.output_dir, self.position.step)
         position = self.position
+        if position.step == 0 and (self.config.data.eval_sts or self.config.data.eval_beir):
+            if accelerator.is_main_process:  # the "before" of the closing summary, logged as step 0
+                print("textcl: evaluating the base model (step 0)", file=sys.stderr)
+            self.log({"step": 0, **self.evaluate()})
         self.model.train()  # from_pretrained returns eval mode: no dropout, so no SimCSE positives
         bar = tqdm(total=self.max_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
         started, samples = time.perf_counter(), 0
@@ -325,14 +330,17 @@ class Trainer:
                 position.epoch += 1
                 position.batches_in_epoch = 0
         bar.close()
-        if accelerator.is_main_process:
-            batch = args.per_device_train_batch_size * accelerator.num_processes
-            for warning in training_warnings(read_metrics(self.output_dir), batch):
-                print(f"textcl: warning: {warning}", file=sys.stderr)
         runtime = time.perf_counter() - started
         speed = {"train_runtime": runtime, "train_samples_per_second": samples / runtime}
         self.log({"step": position.step, **speed})
-        return self.finish() | {"train": speed}
+        metrics = self.finish()
+        if accelerator.is_main_process:
+            records, saved = read_metrics(self.output_dir), self.saved_evaluation(metrics)[0]
+            print("\n".join(summary_lines(self.output_dir, records, saved)))
+            batch = args.per_device_train_batch_size * accelerator.num_processes
+            for warning in run_warnings(records, batch, saved):
+                print(f"textcl: warning: {warning}", file=sys.stderr)
+        return metrics | {"train": speed}
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation, best-model selection, and the saved model folder; returns the evaluation."""
@@ -422,11 +430,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     The first process holds output_dir's write lock for the whole run, so a second run into the same folder is
     refused instead of mixing checkpoints with this one.
     """
+    check_local_sources(data_sources(config.data))  # a missing file is one line before the model loads
     output_dir = Path(config.training.output_dir)
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
     with lock if first_process else contextlib.nullcontext():
-        trainer = Trainer(config)
+        with collective_failures(lambda: 0, config.training.ddp_timeout):  # another process failed setting up
+            trainer = Trainer(config)
         with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps),
                                  config.training.ddp_timeout):
             return trainer.train()

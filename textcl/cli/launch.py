@@ -1,0 +1,99 @@
+"""`textcl train --num_processes N`: N training processes started through accelerate's launcher, reporting a
+failure as one line.
+
+The processes are started with accelerate's multi-GPU launcher (`accelerate launch --multi_gpu --num_processes N
+-m textcl train ...`), which is also the right one on a CPU-only machine: accelerate joins CPU processes with
+gloo, whereas `--cpu --num_processes N` starts a single process. Each child writes a `TextclError` to a file
+named for its rank instead of printing it; when a child fails, the launcher's exception (and its traceback) is
+replaced by one line naming the rank that failed first and its error, and the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from textcl.errors import TextclError
+
+# set for the children: the folder where each writes its error as rank-<RANK>.txt
+ERRORS_DIR = "TEXTCL_LAUNCH_ERRORS"
+
+
+def report_error(error: TextclError) -> None:
+    """Print `error` as `textcl: error: ...`, or, in a child of `launch_training`, leave it for the parent to
+    print (one line for the whole run, naming this child's rank)."""
+    folder, rank = os.environ.get(ERRORS_DIR), os.environ.get("RANK")
+    if folder and rank is not None and Path(folder).is_dir():
+        (Path(folder) / f"rank-{rank}.txt").write_text(str(error), encoding="utf-8")
+        return
+    print(f"textcl: error: {error}", file=sys.stderr)
+
+
+def free_port() -> int:
+    """A TCP port free right now on this machine, for the processes' rendezvous (so that two runs on one machine
+    do not both take accelerate's default 29500)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_training(num_processes: int, train_args: Sequence[str], verbose: bool) -> int:
+    """Run `textcl train *train_args` in `num_processes` processes; returns the exit code (0, or 2 after printing
+    one line naming the failed rank and its error)."""
+    if num_processes < 1:
+        raise TextclError(f"--num_processes must be at least 1; got {num_processes}")
+    # accelerate's launcher and torch.distributed.run: only when several processes are asked for
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    with tempfile.TemporaryDirectory(prefix="textcl-launch-") as errors:
+        launcher = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+                    "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--module", "textcl", *(["--verbose"] if verbose else []), "train", *train_args]
+        args = launch_command_parser().parse_args(launcher)
+        elastic = logging.getLogger("torch.distributed.elastic")
+        level = elastic.level
+        if not verbose:
+            elastic.setLevel(logging.CRITICAL)  # its "failed (exitcode: 2) ..." lines: the one line below says it
+        os.environ[ERRORS_DIR] = errors
+        try:
+            launch_command(args)
+        except ChildFailedError as failure:
+            print(f"textcl: error: {root_cause(failure.failures, num_processes, Path(errors))}", file=sys.stderr)
+            return 2
+        except subprocess.CalledProcessError as failure:  # a launcher that runs one command line
+            print(f"textcl: error: the training processes failed with exit code {failure.returncode} (output "
+                  "above)", file=sys.stderr)
+            return 2
+        finally:
+            os.environ.pop(ERRORS_DIR, None)
+            elastic.setLevel(level)
+    return 0
+
+
+def root_cause(failures: dict[int, Any], num_processes: int, errors: Path) -> str:
+    """`process R of N: <its error>` for the process that failed first (rank -> torch's ProcessFailure, with
+    `timestamp` in seconds and `exitcode`); among those failing in the same second, one whose error is its own
+    rather than "a collective failed" (a peer died). A process that left no error file crashed: its exit code
+    is given and its output is above."""
+    messages = {rank: read_error(errors, rank) for rank in failures}
+
+    def order(rank: int) -> tuple[int, bool, int]:
+        return failures[rank].timestamp, "a collective failed" in (messages[rank] or ""), rank
+
+    rank = min(failures, key=order)
+    if messages[rank] is not None:
+        return f"process {rank} of {num_processes}: {messages[rank]}"
+    return f"process {rank} of {num_processes} exited with code {failures[rank].exitcode} (its output is above)"
+
+
+def read_error(errors: Path, rank: int) -> str | None:
+    written = errors / f"rank-{rank}.txt"
+    return written.read_text(encoding="utf-8") if written.is_file() else None
