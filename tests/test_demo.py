@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from textcl.demo.run import (
-    HELD_OUT, SANITY_ANSWERS, SANITY_QUERIES, check, crop, demo_rows, query_document_pairs, run, split_rows,
-    write_beir,
+    BATCH_SIZE, HELD_OUT, SANITY_ANSWERS, SANITY_QUERIES, check, crop, demo_rows, query_document_pairs, run,
+    split_rows, write_beir,
 )
 from textcl.io.beir import load_beir
 from textcl.io.corpus import read_corpus
@@ -70,11 +70,14 @@ def test_checks_flag_each_kind_of_damage() -> None:
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    rows = demo_rows()[:HELD_OUT + 2 * BATCH_SIZE]  # two training steps keep this test fast; the real run is below
+    monkeypatch.setattr("textcl.demo.run.demo_rows", lambda: rows)
     results = run(str(tiny_model_dir), str(tmp_path / "model"))
     printed = capsys.readouterr().out
-    assert "mrr@10" in printed and "random-pair cosine" in printed and "estimated training time" in printed
+    assert "mrr@10" in printed and "random-pair cosine" in printed and "estimated training time:" in printed
+    assert "= 2 steps of batch" in printed and "textcl: training in" in printed
     assert (tmp_path / "model" / "modules.json").exists()
     assert results["before"]["task"]["n_queries"] == results["after"]["task"]["n_queries"] == HELD_OUT
     ids, texts = read_corpus(results["documents"])
@@ -84,7 +87,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model(
 
 
 @pytest.mark.slow
-def test_demo_on_the_real_model_improves_the_task_and_keeps_general_similarity(minilm_path: str, tmp_path: Path) -> None:
+def test_demo_on_the_real_model_improves_the_task_and_keeps_general_similarity(
+    minilm_path: str, tmp_path: Path
+) -> None:
     results = run(minilm_path, str(tmp_path / "model"))
     before, after = results["before"], results["after"]
     assert before["general"]["sanity"] == SANITY_ANSWERS  # the sanity questions mean something on the base model

@@ -105,7 +105,8 @@ def write_beir(held_out: list[dict[str, str]], folder: Path) -> None:
     pairs = query_document_pairs(held_out, seed=SEED + 1)
     (folder / "qrels").mkdir(parents=True)
     with (folder / "corpus.jsonl").open("w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps({"_id": f"d{i}", "title": "", "text": doc}) + "\n" for i, (_, doc) in enumerate(pairs))
+        handle.writelines(json.dumps({"_id": f"d{i}", "title": "", "text": doc}) + "\n"
+                          for i, (_, doc) in enumerate(pairs))
     with (folder / "queries.jsonl").open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"_id": f"q{i}", "text": query}) + "\n" for i, (query, _) in enumerate(pairs))
     with (folder / "qrels" / "test.tsv").open("w", encoding="utf-8") as handle:
@@ -153,6 +154,11 @@ def general_checks(encoder: Encoder, documents: Sequence[str]) -> dict[str, Any]
         "uniformity": geometry["uniformity"],
         "sanity": {query: SANITY_DOCUMENTS[i] for query, i in zip(SANITY_QUERIES, top)},
     }
+
+
+def measure(encoder: Encoder, beir: Path, documents: Sequence[str]) -> dict[str, Any]:
+    """{"task": recall@1, MRR@10 and nDCG@10 on the held-out BEIR folder, "general": `general_checks`}."""
+    return {"task": evaluate_retrieval(encoder, beir, k_values=(1, 10)), "general": general_checks(encoder, documents)}
 
 
 def seconds_per_step(encoder: Encoder, pairs: Sequence[tuple[str, str]], precision: str) -> float:
@@ -225,20 +231,20 @@ def run(model: str | None = None, output_dir: str = "textcl-demo") -> dict[str, 
         write_beir(held_out, beir)
         write_train(train_rows, train_file)
         encoder = Encoder.load(model)
-        before = {"task": evaluate_retrieval(encoder, beir, k_values=(1, 10)), "general": general_checks(encoder, documents)}
         precision, why = resolve_precision("auto", encoder.device)
         steps = math.ceil(len(train_rows) / BATCH_SIZE)
-        estimate = steps * seconds_per_step(encoder, query_document_pairs(train_rows), precision)
-        print(f"textcl demo: {model}\n"
-              f"  task: find a sentence from a fragment of ~{CROP_FRACTION:.0%} of its words (inverse cloze), "
+        print(f"textcl demo: fine-tune {model}\n"
+              f"  task: find a sentence from a random fragment of ~{CROP_FRACTION:.0%} of its words (inverse cloze), "
               f"in-batch negatives\n"
-              f"  {len(train_rows)} training sentences (public-domain US presidential speeches), {steps} steps of "
-              f"batch {BATCH_SIZE}, learning rate {LEARNING_RATE}, {precision} ({why})\n"
-              f"  evaluated on {len(held_out)} held-out sentences; estimated training time "
-              f"{estimate / 60:.1f} min (an estimate from timing one step)")
+              f"  train: {len(train_rows)} sentences of public-domain US presidential speeches, 1 epoch = {steps} "
+              f"steps of batch {BATCH_SIZE}, learning rate {LEARNING_RATE}, {precision} ({why})\n"
+              f"  evaluate before and after: {len(held_out)} held-out sentences, and general-similarity checks")
+        before = measure(encoder, beir, documents)
+        step_seconds = seconds_per_step(encoder, query_document_pairs(train_rows), precision)
+        print(f"  estimated training time: {steps * step_seconds / 60:.1f} min (an estimate: {steps} steps x "
+              f"{step_seconds:.1f} s, the time of one step measured just now)")
         train_seconds = train(demo_config(model, train_file, output_dir))["train"]["train_runtime"]
-        encoder = Encoder.load(output_dir)
-        after = {"task": evaluate_retrieval(encoder, beir, k_values=(1, 10)), "general": general_checks(encoder, documents)}
+        after = measure(Encoder.load(output_dir), beir, documents)
     corpus = Path(output_dir) / "held_out_documents.jsonl"
     write_documents(held_out, corpus)
     checks = check(before, after)
@@ -247,5 +253,7 @@ def run(model: str | None = None, output_dir: str = "textcl-demo") -> dict[str, 
           f"folder). Search the held-out sentences with it:\n"
           f"  textcl index {output_dir} --corpus {corpus} --out demo-index\n"
           f"  textcl search demo-index \"taxes on imported goods\" -k 3\n"
-          f"  textcl serve demo-index   # a search page and API on http://127.0.0.1:8000 (pip install \"textcl[serve]\")")
-    return {"before": before, "after": after, "checks": checks, "train_seconds": train_seconds, "documents": str(corpus)}
+          f"  textcl serve demo-index   # a search page and API on http://127.0.0.1:8000 "
+          f"(pip install \"textcl[serve]\")")
+    return {"before": before, "after": after, "checks": checks, "train_seconds": train_seconds,
+            "documents": str(corpus)}
