@@ -14,14 +14,13 @@ import csv
 import json
 import math
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from textcl.config import TrainConfig
 from textcl.evaluation.geometry import alignment_uniformity
@@ -199,7 +198,7 @@ def print_comparison(before: dict[str, Any], after: dict[str, Any], checks: dict
     if checks["passed"]:
         print("Checks passed: the task improved and general similarity held.")
     for warning in checks["warnings"]:
-        print(f"textcl: warning: {warning}")
+        print(f"textcl: warning: {warning}", file=sys.stderr)
 
 
 def check(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
