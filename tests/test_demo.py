@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 
 from textcl.demo.run import (
-    BATCH_SIZE, HELD_OUT, SANITY_ANSWERS, SANITY_QUERIES, check, crop, demo_rows, query_document_pairs, run,
-    split_rows, write_beir,
+    BATCH_SIZE,
+    HELD_OUT,
+    SANITY_ANSWERS,
+    SANITY_QUERIES,
+    check,
+    crop,
+    demo_rows,
+    query_document_pairs,
+    run,
+    split_rows,
+    write_beir,
 )
 from textcl.io.beir import load_beir
 from textcl.io.corpus import read_corpus
