@@ -54,7 +54,7 @@ def test_quickstart_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(images) == 3  # loss curve, similarity histograms, alignment/uniformity
     text = text_of(outputs)
-    assert "1000 training sentences, 500 held out" in text and "recall@100" in text
+    assert "2000 training sentences, 1000 held out" in text and "mrr@10" in text
     assert "liberty and the founding of the nation" in text
     assert (tmp_path / "model" / "README.md").is_file() and (tmp_path / "model" / "metrics.jsonl").is_file()
 
