@@ -1,6 +1,6 @@
 """Make docs/serve.png, the README's picture of the `textcl serve` page, in headless Chromium.
 
-    textcl index MODEL --corpus textcl/demo/data/sentences.tsv --out /tmp/demo-index
+    textcl index MODEL --corpus textcl/demo/data/speeches.tsv --out /tmp/demo-index
     python docs/serve_screenshot.py /tmp/demo-index "taxes and the economy"
 
 Starts `textcl serve INDEX --port 0` on 127.0.0.1, types the query, saves the page as a 64-colour PNG.
