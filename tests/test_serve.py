@@ -433,7 +433,7 @@ def test_a_crash_between_snapshot_and_log_restart_replays_nothing_twice(index_di
 
 def test_a_log_beside_a_rebuilt_index_is_refused(index_dir: Path, tmp_path: Path, model_dir: Path) -> None:
     folder, _ = store_with_writes(index_dir, tmp_path)
-    SearchIndex.build(Encoder.load(model_dir), SENTENCES[:5]).save(folder)  # rebuilt while writes were unsaved
+    SearchIndex.build(Encoder.load(model_dir), SENTENCES[:5]).save(folder, overwrite=True)  # rebuilt while writes were unsaved
     with pytest.raises(TextclError, match="holds writes to another version of this index"):
         DurableIndex.open(folder)
 
@@ -449,7 +449,7 @@ def bad_starts(tmp: Path, index_dir: Path, model_dir: Path) -> list[tuple[list[s
     return [
         ([str(tmp / "missing")], r"not a search index folder \(missing index.faiss, ids.jsonl, meta.json\)"),
         ([str(tmp / "empty")], "not a search index folder"),
-        ([str(broken)], "is not a readable search index"),
+        ([str(broken)], r"meta.json is not JSON .*; rebuild the index with `textcl index`"),
         ([str(damaged)], "not a log record; the write log is damaged"),
         ([str(model_dir)], "is a model, not an index: pass --corpus FILE"),
         ([str(model_dir), "--corpus", str(tmp / "nothing.txt")], "does not exist"),

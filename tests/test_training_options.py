@@ -57,7 +57,7 @@ def test_the_trainer_turns_both_options_on(tiny_model_dir: Path, tmp_path: Path)
     AcceleratorState._reset_state()
     GradientState._reset_state()
     config = load_config(None, ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(tmp_path / "s.txt"),
-                                "--output_dir", str(tmp_path / "out"), "--gradient_checkpointing", "true",
+                                "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--gradient_checkpointing", "true",
                                 "--torch_compile", "true", "--torch_compile_backend", "aot_eager"])
     transformer = Trainer(config).unwrapped().model
     assert transformer.is_gradient_checkpointing and transformer._compiled_call_impl is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -92,10 +93,29 @@ def save_index_folder(path: Path, index: faiss.Index | faiss.IndexBinary, ids: S
     meta = meta | {"model": portable_model_path(str(meta["model"]), path)}
     floats = 0 if float_vectors is None else float_vectors.size * 4
     needed = index.ntotal * index.d * 4 + floats + sum(len(text.encode()) + len(key) + 24 for key, text in zip(ids, texts))
+    def write(root: Path) -> None:
+        write_index_files(root, index, ids, texts, meta, float_vectors)
+        keep_other_files(path, root)
+
     with exclusive_lock(path, wait=LOCK_WAIT, what="the search index"):
         check_index_target(path, overwrite)
-        write_folder(path, lambda root: write_index_files(root, index, ids, texts, meta, float_vectors),
-                     "the search index", needed)
+        write_folder(path, write, "the search index", needed)
+
+
+def keep_other_files(old: Path, new: Path) -> None:
+    """Carry what else the old folder holds (e.g. `textcl serve`'s write log, which then refuses to replay onto
+    the rebuilt index instead of vanishing with the old folder) into the new one: hard links, copies where
+    links fail. The index's own files, and hidden entries (locks, temporaries), are not carried."""
+    if not old.is_dir():
+        return
+    own = {*INDEX_FILES, FLOAT_FILE}
+    for item in old.iterdir():
+        if item.name in own or item.name.startswith(".") or not item.is_file():
+            continue
+        try:
+            os.link(item, new / item.name)
+        except OSError:
+            shutil.copy2(item, new / item.name)
 
 
 def open_snapshot(root: Path) -> dict[str, IO[bytes]]:
