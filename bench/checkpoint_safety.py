@@ -11,26 +11,16 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from common import minilm_path
+from common import best_time, minilm_path
 from transformers import get_scheduler
 
 from textcl.model.encoder import Encoder
 from textcl.training.checkpoint import TrainingPosition, load_checkpoint, save_checkpoint, verify_checkpoint
 from textcl.training.guards import gradient_norm, nonfinite_tensors, step_is_finite
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -53,14 +43,14 @@ def main() -> None:
         old.prepare(model, optimizer)
         for stateful in objects.values():
             old.register_for_checkpointing(stateful)
-        old_save = best(lambda: old.save_state(str(root / "old")), args.repeats)
-        old_load = best(lambda: old.load_state(str(root / "old")), args.repeats)
-        new_save = best(lambda: save_checkpoint(accelerator, root, 7, 1, objects), args.repeats)
-        verify = best(lambda: verify_checkpoint(root / "checkpoint-7"), args.repeats)
-        new_load = best(lambda: load_checkpoint(accelerator, root / "checkpoint-7", objects), args.repeats)
+        old_save = best_time(lambda: old.save_state(str(root / "old")), args.repeats)
+        old_load = best_time(lambda: old.load_state(str(root / "old")), args.repeats)
+        new_save = best_time(lambda: save_checkpoint(accelerator, root, 7, 1, objects), args.repeats)
+        verify = best_time(lambda: verify_checkpoint(root / "checkpoint-7"), args.repeats)
+        new_load = best_time(lambda: load_checkpoint(accelerator, root / "checkpoint-7", objects), args.repeats)
         size = sum(p.stat().st_size for p in (root / "checkpoint-7").rglob("*") if p.is_file())
-        norm = best(lambda: step_is_finite(torch.tensor(1.0), gradient_norm(model.parameters())), 20)
-        scan = best(lambda: nonfinite_tensors(model), 20)
+        norm = best_time(lambda: step_is_finite(torch.tensor(1.0), gradient_norm(model.parameters())), 20)
+        scan = best_time(lambda: nonfinite_tensors(model), 20)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}; checkpoint {size / 1e6:.1f} MB")
