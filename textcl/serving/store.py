@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from textcl.errors import TextclError
+from textcl.io.atomic import fsync_dir
 from textcl.model.encoder import Encoder
 from textcl.retrieval.search_index import SearchIndex
 
@@ -56,15 +57,6 @@ class NotRemovableError(TextclError):
     """The index type cannot remove documents (HTTP 409)."""
 
 
-def sync_dir(path: Path) -> None:
-    """Make the names in folder `path` (new, renamed, removed files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def encode_vectors(vectors: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")
 
@@ -83,9 +75,9 @@ def finish_snapshot(root: Path) -> None:
         for path in snapshot.iterdir():
             if path.name != COMPLETE:
                 os.replace(path, root / path.name)
-        sync_dir(root)
+        fsync_dir(root)
     shutil.rmtree(snapshot)
-    sync_dir(root)
+    fsync_dir(root)
 
 
 def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -232,7 +224,7 @@ class DurableIndex:
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
         (snapshot / COMPLETE).touch()
-        sync_dir(snapshot)
+        fsync_dir(snapshot)
         finish_snapshot(self.root)
         self.restart_log()
         self.writes_since_snapshot = 0
@@ -244,7 +236,7 @@ class DurableIndex:
         self.log.write(json.dumps(log_header(self.root)).encode("utf-8") + b"\n")
         self.log.flush()
         os.fsync(self.log.fileno())
-        sync_dir(self.root)
+        fsync_dir(self.root)
 
     def close(self) -> None:
         """Snapshot when anything was written since the last one, and close the log."""
