@@ -2,6 +2,7 @@
 
     python bench/serve_load.py                          # 2,000 queries, 16 clients, 3 repeats of each side
     python bench/serve_load.py --queries 500 --repeats 1
+    python bench/serve_load.py --backend onnx           # the model in onnxruntime (`textcl export`'s fp32 graph)
 
 The index holds --docs unlabeled sentences encoded by all-MiniLM-L6-v2 (fp32, CPU; built once into
 --work_dir). Queries are SciFact's claims (short: ~12 words), cycled. Each run starts a fresh server
@@ -11,6 +12,10 @@ one HTTP connection to 127.0.0.1 and send POST /search {"query", "k": 10} until 
 answered; latency is measured per request by the client, and the server's CPU time per query by psutil.
 Sides alternate order between repeats (the machine is shared: compare within a repeat). Traffic goes to
 127.0.0.1 only; every run is bounded by --max_seconds, and the server is stopped after each run.
+
+Before the servers start, the bench times the encoder alone in this process (no HTTP): the same queries one
+per forward and in forwards of 8 and 16. Their ratio bounds what micro-batching can give any server on this
+machine, since batching saves per-forward overhead and nothing else.
 """
 
 from __future__ import annotations
@@ -28,20 +33,39 @@ import time
 from pathlib import Path
 
 import psutil
-from common import SHARED, minilm_path, sentences
+from common import SHARED, best_time, minilm_path, sentences
 
 HOST = "127.0.0.1"  # loopback only
 SIDES = {"batched": [], "single": ["--max_batch_size", "1"]}
 
 
-def build_index(folder: Path, docs: int) -> None:
+def build_index(folder: Path, docs: int, model: Path) -> None:
     from textcl import Encoder
+    from textcl.model.onnx_export import export_onnx
     from textcl.retrieval.search_index import SearchIndex
 
+    if not (model / "onnx" / "model.onnx").is_file():  # a copy of the model with its fp32 graph, for --backend onnx
+        export_onnx(minilm_path(), out=model)
     if (folder / "meta.json").exists():
         return
-    encoder = Encoder.load(minilm_path(), device="cpu")
-    SearchIndex.build(encoder, sentences(docs), show_progress_bar=True).save(folder)
+    encoder = Encoder.load(model, device="cpu")
+    SearchIndex.build(encoder, sentences(docs), model_path=model, show_progress_bar=True).save(folder)
+
+
+def encoder_ceiling(index: Path, backend: str, queries: list[str], seconds: float = 10.0) -> dict[int, float]:
+    """Milliseconds per query of the index's encoder alone (`encode_queries`, no HTTP) in forwards of 1, 8 and 16
+    queries, each timed over the same queries for about `seconds` (best of 2 passes)."""
+    from textcl.retrieval.search_index import SearchIndex
+
+    loaded = SearchIndex.load(index, device="cpu", backend=backend)
+    per_query = {}
+    for size in (1, 8, 16):
+        groups = [queries[start:start + size] for start in range(0, len(queries) - size + 1, size)]
+        loaded.encode_queries(groups[0], size)  # warm-up
+        count = max(1, min(len(groups), int(seconds / 2 / (0.02 * size))))  # ~seconds/2 a pass at ~20 ms a query
+        per_query[size] = 1000 * best_time(
+            lambda: [loaded.encode_queries(group, size) for group in groups[:count]], 2) / (count * size)
+    return per_query
 
 
 def start_server(index: Path, extra: list[str], timeout: float) -> tuple[subprocess.Popen, int]:
@@ -126,24 +150,30 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--sides", default="batched,single")
     parser.add_argument("--max_seconds", type=float, default=300, help="bound on one run's load phase")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="the server's --backend")
     parser.add_argument("--work_dir", default="/tmp/textcl-bench-serve")
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
     import torch
 
-    index = Path(args.work_dir) / f"index-{args.docs}"
-    build_index(index, args.docs)
+    index = Path(args.work_dir) / f"index-{args.docs}-exported"
+    build_index(index, args.docs, Path(args.work_dir) / "minilm")
     with (SHARED / "scifact" / "queries.jsonl").open(encoding="utf-8") as handle:
         queries = [json.loads(line)["text"] for line in handle]
-    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores; all-MiniLM-L6-v2 fp32; "
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores; all-MiniLM-L6-v2 fp32, "
+          f"backend {args.backend}; "
           f"{args.docs} docs, Flat; {args.queries} queries (SciFact claims, "
           f"{statistics.mean(len(q.split()) for q in queries):.1f} words on average), {args.clients} clients, k=10")
+    ceiling = encoder_ceiling(index, args.backend, queries)
+    print("encoder alone, ms per query: " + ", ".join(f"{ms:.2f} in forwards of {size}" for size, ms in ceiling.items())
+          + f"; batching can speed it up {ceiling[1] / ceiling[8]:.2f}x (8) / {ceiling[1] / ceiling[16]:.2f}x (16) "
+          "at most", flush=True)
     rows: dict[str, list[dict]] = {side: [] for side in args.sides.split(",")}
     for repeat in range(args.repeats):
         order = list(rows) if repeat % 2 == 0 else list(reversed(rows))
         for side in order:
-            server, port = start_server(index, SIDES[side], timeout=300)
+            server, port = start_server(index, [*SIDES[side], "--backend", args.backend], timeout=300)
             try:
                 warm = http.client.HTTPConnection(HOST, port, timeout=60)
                 for query in queries[:20]:

@@ -21,6 +21,8 @@ from textcl.model.encoder import Encoder
 from textcl.model.lora import add_lora
 from textcl.model.onnx_export import MIN_COSINE, export_onnx
 from textcl.model.pooling import POOLING_MODES
+from textcl.retrieval.search_index import SearchIndex
+from textcl.serving.store import DurableIndex
 
 pytest.importorskip("onnxruntime")
 
@@ -224,6 +226,25 @@ def test_cli_index_and_search_with_the_int8_graph(tmp_path, exported, capsys):
     int8 = Encoder.load(exported, backend="onnx", onnx_file="model_qint8.onnx")
     query, document = int8.encode([SENTENCES[3]], prompt_name="query")[0], int8.encode(SENTENCES)[3]
     assert hits[0]["score"] == pytest.approx(float(query @ document), abs=1e-5)  # rescored with the int8 graph's floats
+
+
+def test_a_served_index_runs_its_model_in_onnxruntime(tmp_path, exported):
+    """`textcl serve --backend onnx` opens an index built with torch on the ONNX graph: the same hits (scores
+    within 1e-5) as `SearchIndex.search` with torch."""
+    folder = tmp_path / "index"
+    SearchIndex.build(Encoder.load(exported, device="cpu"), SENTENCES[:-2]).save(folder)
+    queries = [" ".join(text.split()[1:]) for text in SENTENCES[:4]]
+    expected = SearchIndex.load(folder, device="cpu").search(queries, k=3)
+    store = DurableIndex.open(folder, backend="onnx")
+    try:
+        assert store.index.require_encoder().backend == "onnx"
+        got = store.index.search(queries, k=3)
+        assert got.ids.tolist() == expected.ids.tolist()
+        assert np.allclose(got.scores, expected.scores, atol=1e-5)
+        with pytest.raises(TextclError, match="onnx_file applies to backend='onnx'"):
+            DurableIndex.open(folder, backend="torch", onnx_file="model_qint8.onnx")
+    finally:
+        store.close()
 
 
 def test_cli_eval_with_onnx_backend_and_quantized_search(tmp_path, exported, capsys):

@@ -10,8 +10,9 @@ import os
 # It must be set before torch loads its OpenMP runtime, i.e. before the imports below; a value you set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from textcl.cli.options import add_device_option, defaults_of
+from textcl.cli.options import add_backend_options, add_device_option, defaults_of
 from textcl.errors import TextclError
+from textcl.retrieval.search_index import SearchIndex
 from textcl.serving.server import ServeSettings, serve
 
 
@@ -35,6 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshot_every", type=int, default=defaults["snapshot_every"],
                         help="writes between snapshots of the whole index (a log keeps them in between)")
     add_device_option(parser)
+    add_backend_options(parser, SearchIndex.load)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -50,4 +52,5 @@ def run(args: argparse.Namespace) -> None:
         raise TextclError(f"--batch_wait_ms must not be negative, got {args.batch_wait_ms}")
     settings = ServeSettings(args.host, args.port, args.max_batch_size, args.batch_wait_ms, args.max_body_bytes,
                              args.snapshot_every)
-    serve(args.index, settings, corpus=args.corpus, out=args.out, device=args.device, api_key=api_key)
+    serve(args.index, settings, corpus=args.corpus, out=args.out, device=args.device, api_key=api_key,
+          backend=args.backend, onnx_file=args.onnx_file)

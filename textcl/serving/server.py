@@ -56,15 +56,17 @@ def bind(host: str, port: int) -> socket.socket:
 
 def open_index(
     path: str | Path, corpus: str | Path | None, out: str | Path | None, device: str | torch.device | None,
-    snapshot_every: int,
+    snapshot_every: int, backend: str | None = None, onnx_file: str | None = None,
 ) -> DurableIndex:
-    """The index folder `path`; or, with `corpus`, a Flat index of it built with the model `path`, saved in `out`."""
+    """The index folder `path`; or, with `corpus`, a Flat index of it built with the model `path`, saved in `out`.
+    `backend` None: the index's own (torch for a model)."""
     if corpus is None:
         if not Path(path, "meta.json").exists() and Path(path, "config.json").exists():
             raise TextclError(f"{str(path)!r} is a model, not an index: pass --corpus FILE to index a corpus with it")
-        return DurableIndex.open(path, device=device, snapshot_every=snapshot_every)
+        return DurableIndex.open(path, device=device, snapshot_every=snapshot_every, backend=backend,
+                                 onnx_file=onnx_file)
     ids, texts = read_corpus(corpus)
-    encoder = Encoder.load(path, device=device)
+    encoder = Encoder.load(path, device=device, backend=backend or "torch", onnx_file=onnx_file)
     model = Path(path).resolve() if Path(path).exists() else path
     print(f"textcl serve: indexing {len(texts)} documents of {corpus}", file=sys.stderr, flush=True)
     SearchIndex.build(encoder, texts, ids, model_path=model, show_progress_bar=True).save(out)
@@ -73,14 +75,16 @@ def open_index(
 
 def serve(
     path: str | Path, settings: ServeSettings, corpus: str | Path | None = None, out: str | Path | None = None,
-    device: str | torch.device | None = None, api_key: str | None = None,
+    device: str | torch.device | None = None, api_key: str | None = None, backend: str | None = None,
+    onnx_file: str | None = None,
 ) -> None:
     """Serve the index folder `path` (or `corpus` indexed with the model `path`, kept in `out`, default a
-    temporary folder) on settings.host:settings.port until SIGINT/SIGTERM; writes need `api_key` if given."""
+    temporary folder) on settings.host:settings.port until SIGINT/SIGTERM; writes need `api_key` if given.
+    `backend`/`onnx_file`: run the model in torch or onnxruntime (default: as the index was built)."""
     sock = bind(settings.host, settings.port)
     scratch = tempfile.mkdtemp(prefix="textcl-serve-") if corpus is not None and out is None else None
     try:
-        store = open_index(path, corpus, out or scratch, device, settings.snapshot_every)
+        store = open_index(path, corpus, out or scratch, device, settings.snapshot_every, backend, onnx_file)
         service = SearchService(store, settings.max_batch_size, settings.batch_wait_ms)
         app = create_app(service, api_key, settings.max_body_bytes)
         host, port = sock.getsockname()[:2]

@@ -104,10 +104,13 @@ def log_header(root: Path) -> dict[str, str]:
     return {"op": "begin", "meta_sha256": hashlib.sha256((root / "meta.json").read_bytes()).hexdigest()}
 
 
-def load_index(root: Path, encoder: Encoder | None, device: str | torch.device | None) -> SearchIndex:
+def load_index(
+    root: Path, encoder: Encoder | None, device: str | torch.device | None, backend: str | None = None,
+    onnx_file: str | None = None,
+) -> SearchIndex:
     """`SearchIndex.load`, with a damaged folder reported as one line."""
     try:
-        return SearchIndex.load(root, encoder, device=device)
+        return SearchIndex.load(root, encoder, device=device, backend=backend, onnx_file=onnx_file)
     except TextclError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
@@ -132,12 +135,13 @@ class DurableIndex:
     @classmethod
     def open(
         cls, root: str | Path, encoder: Encoder | None = None, device: str | torch.device | None = None,
-        snapshot_every: int = 1000,
+        snapshot_every: int = 1000, backend: str | None = None, onnx_file: str | None = None,
     ) -> DurableIndex:
-        """Load the index in `root` (finishing an interrupted snapshot) and replay its log."""
+        """Load the index in `root` (finishing an interrupted snapshot) and replay its log; without `encoder`,
+        the index's model is loaded as `SearchIndex.load` does (`device`, `backend`, `onnx_file`)."""
         root = Path(root)
         finish_snapshot(root)
-        index = load_index(root, encoder, device)
+        index = load_index(root, encoder, device, backend, onnx_file)
         seq = int(index.meta.get(SEQ_KEY, 0))
         path = root / LOG_NAME
         records, good = read_log(path)
