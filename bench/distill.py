@@ -6,6 +6,7 @@ reloading its folder in fp32.
     python bench/distill.py kl --seeds 42 43 44         # 6-layer MiniLM: InfoNCE vs InfoNCE + KL, same data
     python bench/distill.py remine --seeds 42 43 44     # retrieval-hardneg: static vs re-mined every 20 steps
     python bench/distill.py remine --seeds 42 --max_steps 6 --remine_steps 3   # a smoke-sized run
+    python bench/distill.py throughput                  # teacher vs the kl student, alternating in one process
 
 The teacher is the retrieval-hardneg recipe's model (trained once at seed 42 into --work, or --teacher).
 Data, made once into --work with textcl's commands as README's Distillation section shows: the teacher
@@ -23,7 +24,9 @@ Sides:
   remine   static / remine  recipes/retrieval-hardneg.yaml as it is, and with --remine_steps
 Students and the kl sides train with the distill-small recipe's budget (2 epochs, batch 32, lr 1e-4); the
 peer's students get the same epochs, batch and learning rate. Throughput: documents/s encoding 2,000
-SciFact documents (best of 2), student over teacher.
+SciFact documents (best of 2), student over teacher, measured after each side (so other load between sides
+shows in it); `throughput` measures the teacher and the seed-42 kl student of a finished `student` run again,
+alternating in one process, 3 rounds over 1,000 documents, best of each.
 """
 
 from __future__ import annotations
@@ -128,6 +131,23 @@ def train_peer_student(paths: dict[str, Path], loss_name: str, seed: int, output
     return elapsed
 
 
+def alternating_throughput(work: Path, rounds: int = 3, n: int = 1000) -> None:
+    """Documents/s of the teacher and the kl student, alternating in one process (best round of each)."""
+    from textcl import Encoder
+
+    docs = scifact_docs(n)
+    models = {"teacher": Encoder.load(work / "teacher", device="cpu"),
+              "student": Encoder.load(work / "runs" / "student-kl-42", device="cpu")}
+    best = {}
+    for round_ in range(rounds):
+        for name in list(models) if round_ % 2 == 0 else list(reversed(models)):
+            seconds = best_time(lambda: models[name].encode(docs, batch_size=64), 1)
+            best[name] = min(best.get(name, seconds), seconds)
+            print(f"round {round_ + 1} {name}: {n / seconds:.1f} documents/s", flush=True)
+    print(f"best: teacher {n / best['teacher']:.1f}, student {n / best['student']:.1f} documents/s; "
+          f"student / teacher {best['teacher'] / best['student']:.2f}x")
+
+
 def run_side(bench: str, side: str, seed: int, paths: dict[str, Path], args: argparse.Namespace) -> dict:
     output = args.work / "runs" / f"{bench}-{side}-{seed}"
     seconds = 0.0
@@ -158,7 +178,7 @@ def run_side(bench: str, side: str, seed: int, paths: dict[str, Path], args: arg
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("bench", choices=list(SIDES))
+    parser.add_argument("bench", choices=[*SIDES, "throughput"])
     parser.add_argument("--sides", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--work", type=Path, default=Path("outputs/bench-distill"))
@@ -166,6 +186,8 @@ def main() -> None:
     parser.add_argument("--remine_steps", type=int, default=20)
     parser.add_argument("--max_steps", type=int, default=None, help="cap every training run (smoke runs)")
     args = parser.parse_args()
+    if args.bench == "throughput":
+        return alternating_throughput(args.work)
     paths = prepared(args.work, args.teacher)
     sides = args.sides or SIDES[args.bench]
     results: dict[str, list[dict]] = {side: [] for side in sides}
