@@ -131,12 +131,12 @@ def train_peer_student(paths: dict[str, Path], loss_name: str, seed: int, output
     return elapsed
 
 
-def alternating_throughput(work: Path, rounds: int = 3, n: int = 1000) -> None:
+def alternating_throughput(work: Path, teacher: Path, rounds: int = 3, n: int = 1000) -> None:
     """Documents/s of the teacher and the kl student, alternating in one process (best round of each)."""
     from textcl import Encoder
 
     docs = scifact_docs(n)
-    models = {"teacher": Encoder.load(work / "teacher", device="cpu"),
+    models = {"teacher": Encoder.load(teacher, device="cpu"),
               "student": Encoder.load(work / "runs" / "student-kl-42", device="cpu")}
     best = {}
     for round_ in range(rounds):
@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="cap every training run (smoke runs)")
     args = parser.parse_args()
     if args.bench == "throughput":
-        return alternating_throughput(args.work)
+        return alternating_throughput(args.work, Path(args.teacher) if args.teacher else args.work / "teacher")
     paths = prepared(args.work, args.teacher)
     sides = args.sides or SIDES[args.bench]
     results: dict[str, list[dict]] = {side: [] for side in sides}
