@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from textcl import __version__
-from textcl.cli.launch import report_error
+from textcl.cli.launch import leave_if_distributed, report_error
 from textcl.cli.quiet import set_library_output
 from textcl.errors import TextclError
 
@@ -71,4 +71,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args) or 0
     except TextclError as error:
         report_error(error)  # printed, or in a child of `train --num_processes`, left to the parent to print
+        leave_if_distributed(2)  # a failed multi-process run: without gloo's destructors, which can abort or hang
         return 2

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 
-from textcl.cli.launch import launch_training
+from textcl.cli.launch import launch_training, leave_if_distributed
 from textcl.config import PARTS, TrainConfig, load_config
 from textcl.io.sources import check_local_sources, data_sources, hub_dataset
 
@@ -75,10 +73,5 @@ def run(args: argparse.Namespace) -> int | None:
     metrics = train(config)
     if metrics and args.json:
         print(json.dumps(metrics, indent=2))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under a launcher, gloo's process-group destructor (run when DDP's reducer is freed) can wait forever on
-        # a peer that has already exited (seen on CPU, about 1 run in 6). Every file is written and flushed by
-        # now, so the process leaves without running destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_if_distributed(0)  # under a launcher: without gloo's destructors, which can hang
+    return 0
