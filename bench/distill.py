@@ -22,8 +22,9 @@ Sides:
            peer-margin      sentence-transformers: MarginMSELoss on (query, positive, negative_1, teacher margin)
   kl       infonce / kl     all-MiniLM-L6-v2 on the teacher-scored file: InfoNCE vs InfoNCE + 400 x KL
   remine   static / remine  recipes/retrieval-hardneg.yaml as it is, and with --remine_steps
-Students and the kl sides train with the distill-small recipe's budget (2 epochs, batch 32, lr 1e-4); the
-peer's students get the same epochs, batch and learning rate. Throughput: documents/s encoding 2,000
+Students and the kl sides train with the distill-small recipe's budget (4 epochs, batch 32, lr 1e-4; the kl
+bench in bench/RESULTS.md ran with --num_train_epochs 2); the peer's students get the same epochs, batch and
+learning rate. Throughput: documents/s encoding 2,000
 SciFact documents (best of 2), student over teacher, measured after each side (so other load between sides
 shows in it); `throughput` measures the teacher and the seed-42 kl student of a finished `student` run again,
 alternating in one process, 3 rounds over 1,000 documents, best of each.
@@ -87,21 +88,24 @@ def throughput(folder: Path) -> float:
     return len(docs) / best_time(lambda: encoder.encode(docs, batch_size=64), 2)
 
 
-def train_textcl(recipe: str, overrides: list, seed: int, output: Path, max_steps: int | None) -> float:
+def train_textcl(recipe: str, overrides: list, seed: int, output: Path, args: argparse.Namespace) -> float:
     from textcl.config import load_config
     from textcl.training.trainer import train
 
     arguments = [*map(str, overrides), "--seed", str(seed), "--output_dir", str(output), "--overwrite_output_dir",
                  "true", "--bf16", "false"]
-    if max_steps:
-        arguments += ["--max_steps", str(max_steps)]
+    if args.num_train_epochs:
+        arguments += ["--num_train_epochs", str(args.num_train_epochs)]
+    if args.max_steps:
+        arguments += ["--max_steps", str(args.max_steps)]
     start = time.perf_counter()
     train(load_config(recipe, arguments))
     return time.perf_counter() - start
 
 
-def train_peer_student(paths: dict[str, Path], loss_name: str, seed: int, output: Path, max_steps: int | None) -> float:
-    """sentence-transformers' distillation of the same 3-layer student (MSELoss or MarginMSELoss)."""
+def train_peer_student(paths: dict[str, Path], loss_name: str, seed: int, output: Path, args: argparse.Namespace) -> float:
+    """sentence-transformers' distillation of the same 3-layer student (MSELoss or MarginMSELoss), with the
+    distill-small recipe's epochs (or --num_train_epochs), batch and learning rate."""
     import datasets
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
@@ -121,14 +125,21 @@ def train_peer_student(paths: dict[str, Path], loss_name: str, seed: int, output
             "negative": [r["negative_1"] for r in kept],
             "label": [r["positive_score"] - r["negative_1_score"] for r in kept]})
         loss = losses.MarginMSELoss(student)
-    args = Arguments(output_dir=str(output / "peer-run"), use_cpu=True, seed=seed, save_strategy="no",
-                     report_to="none", per_device_train_batch_size=32, learning_rate=1e-4, num_train_epochs=2,
-                     warmup_ratio=0.1, max_steps=max_steps or -1)
+    training = Arguments(output_dir=str(output / "peer-run"), use_cpu=True, seed=seed, save_strategy="no",
+                         report_to="none", per_device_train_batch_size=32, learning_rate=1e-4,
+                         num_train_epochs=args.num_train_epochs or recipe_epochs("recipes/distill-small.yaml"),
+                         warmup_ratio=0.1, max_steps=args.max_steps or -1)
     start = time.perf_counter()
-    SentenceTransformerTrainer(model=student, args=args, train_dataset=data, loss=loss).train()
+    SentenceTransformerTrainer(model=student, args=training, train_dataset=data, loss=loss).train()
     elapsed = time.perf_counter() - start
     student.save(str(output))
     return elapsed
+
+
+def recipe_epochs(recipe: str) -> float:
+    from textcl.config import load_config
+
+    return load_config(recipe, []).training.num_train_epochs
 
 
 def alternating_throughput(work: Path, teacher: Path, rounds: int = 3, n: int = 1000) -> None:
@@ -154,22 +165,22 @@ def run_side(bench: str, side: str, seed: int, paths: dict[str, Path], args: arg
     if side == "teacher":
         output = paths["teacher"]
     elif side.startswith("peer"):
-        seconds = train_peer_student(paths, side, seed, output, args.max_steps)
+        seconds = train_peer_student(paths, side, seed, output, args)
     elif bench == "student":
         overrides = ["--model_name_or_path", paths["student"], "--train_data", paths["scored"]]
         if side == "infonce":
             overrides += ["--distill_loss", "none"]
-        seconds = train_textcl("recipes/distill-small.yaml", overrides, seed, output, args.max_steps)
+        seconds = train_textcl("recipes/distill-small.yaml", overrides, seed, output, args)
     elif bench == "kl":
         overrides = ["--model_name_or_path", minilm_path(), "--train_data", paths["scored"]]
         if side == "infonce":
             overrides += ["--distill_loss", "none"]
-        seconds = train_textcl("recipes/distill-small.yaml", overrides, seed, output, args.max_steps)
+        seconds = train_textcl("recipes/distill-small.yaml", overrides, seed, output, args)
     else:
         overrides = ["--model_name_or_path", minilm_path(), "--train_data", paths["mined"]]
         if side == "remine":
             overrides += ["--remine_steps", args.remine_steps]
-        seconds = train_textcl("recipes/retrieval-hardneg.yaml", overrides, seed, output, args.max_steps)
+        seconds = train_textcl("recipes/retrieval-hardneg.yaml", overrides, seed, output, args)
     row = {"seed": seed, "seconds": seconds, **evaluate(output)}
     if bench == "student":
         row["docs_per_second"] = throughput(output)
@@ -184,6 +195,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("outputs/bench-distill"))
     parser.add_argument("--teacher", default=None, help="the teacher's folder (default: train it into --work)")
     parser.add_argument("--remine_steps", type=int, default=20)
+    parser.add_argument("--num_train_epochs", type=int, default=None, help="epochs of every run (default: the recipe's)")
     parser.add_argument("--max_steps", type=int, default=None, help="cap every training run (smoke runs)")
     args = parser.parse_args()
     if args.bench == "throughput":
