@@ -59,6 +59,10 @@ class DataArguments:
         metadata={"help": "One or more sources, concatenated: .txt files (one text a line: dropout positives), "
                   "csv/tsv/jsonl/parquet files, BEIR folders, or Hub dataset ids (required)."},
     )
+    delimiter: str | None = field(
+        default=None, metadata={"help": "Field separator of csv/tsv train_data files: , or tab (default: by the "
+                                "extension, , for .csv and tab for .tsv)."}
+    )
     train_split: str = field(default="train", metadata={"help": "Split of a Hub dataset or BEIR qrels file."})
     anchor_column: str = field(default="anchor", metadata={"help": "Column of the anchors (queries)."})
     positive_column: str | None = field(default="positive", metadata={"help": "Empty: dropout positives."})

@@ -13,6 +13,7 @@ import json
 from textcl.cli.launch import launch_training, leave_if_distributed
 from textcl.config import PARTS, TrainConfig, load_config
 from textcl.io.sources import check_local_sources, data_sources, hub_dataset
+from textcl.io.text import check_table_file
 
 GROUP_NAMES = {"ModelArguments": "model", "DataArguments": "data", "LossArguments": "loss",
                "TrainingArguments": "training"}
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int | None:
     recipe = overrides.pop(0) if overrides and not overrides[0].startswith("-") else None
     config = load_config(recipe, overrides)
     check_local_sources(data_sources(config.data), recipe)
+    for setting, source in data_sources(config.data):
+        check_table_file(source, config.data.delimiter if setting == "train_data" else None)
     check_hub_sources(config)
     if args.num_processes is not None:
         return launch_training(args.num_processes, [*args.overrides, *(["--json"] if args.json else [])],

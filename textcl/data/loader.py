@@ -41,14 +41,34 @@ class TrainingData:
         self.collator.epoch = epoch
 
 
-def warn_about_small_batches(sizes: list[int], batch_size: int) -> None:
-    """Say so when repeated texts leave batches at less than half their size: the no-duplicates sampler never
-    puts a text twice in a batch, so data that repeats a few texts makes small batches (one row: loss 0)."""
+def repeated_texts(rows: Any) -> str:
+    """`11 rows repeat another row's positive (289 distinct positives in 300 rows)`, for each role whose texts
+    repeat, joined by "; " ("" when none does)."""
+    import pyarrow.compute as pc  # datasets' own dependency
+
+    table, said = rows.with_format("arrow"), []
+    for role in ("positive", "anchor"):
+        values = table[role]
+        present = len(values) - values.null_count
+        distinct = pc.count_distinct(values, mode="only_valid").as_py()
+        if distinct < present:
+            said.append(f"{present - distinct} rows repeat another row's {role} ({distinct} distinct {role}s in "
+                        f"{present} rows)")
+    return "; ".join(said)
+
+
+def warn_about_duplicates(rows: Any, sampler: NoDuplicatesBatchSampler, batch_size: int) -> None:
+    """Say so, naming the repeated texts and how often, when repeats leave rows out of an epoch's batches or
+    batches at less than half their size: a batch never holds a text twice (it would be its own negative)."""
+    sizes = [len(batch) for batch in sampler.batches]
     average = sum(sizes) / max(1, len(sizes))
-    if average < batch_size / 2:
-        print(f"textcl: warning: batches hold {average:.1f} rows on average instead of {batch_size}: the data "
-              "repeats the same texts, and a batch never holds a text twice (it would be its own negative); "
-              "deduplicate the data or lower per_device_train_batch_size", file=sys.stderr)
+    if not sampler.left_out and average >= batch_size / 2:
+        return
+    cause = repeated_texts(rows) or "the rows share texts (anchors, positives or negatives)"
+    effect = (f"{sampler.left_out} rows fit in no batch of the epoch without a duplicate and are left out of it"
+              if sampler.left_out else f"batches hold {average:.1f} rows on average instead of {batch_size}")
+    print(f"textcl: warning: {cause}: {effect} (a batch never holds a text twice: it would be its own negative); "
+          "deduplicate the data or lower per_device_train_batch_size", file=sys.stderr)
 
 
 def build_training_data(
@@ -101,6 +121,6 @@ def build_training_data(
     ids, lengths, sources = row_index(rows, data.group_by_length)
     sampler = NoDuplicatesBatchSampler(ids, batch_size, drop_last, seed, lengths, sources)
     if process_index == 0:
-        warn_about_small_batches([len(batch) for batch in sampler.batches], batch_size)
+        warn_about_duplicates(rows, sampler, batch_size)
     loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collator, generator=generator)
     return TrainingData(loader, sampler, collator, len(rows), **summary)

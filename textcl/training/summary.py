@@ -76,6 +76,9 @@ def summary_lines(output_dir: str | Path, records: list[dict[str, Any]], after: 
     rate = (f" ({timing['train_samples_per_second']:.1f} samples/s)"
             if "train_samples_per_second" in timing else "")
     lines.append(f"  {steps} steps{took}{rate}")
+    if timing.get("rows_left_out"):
+        lines.append(f"  {timing['rows_left_out']} rows left out of their epoch's batches in all (each repeats a text "
+                     "that every batch with room already holds: see the warning before training)")
     if losses:
         lines.append(f"  final loss {losses[-1]:.4f} (first logged {losses[0]:.4f})")
     before, new = headline_metrics(base_evaluation(records)), headline_metrics(after)

@@ -159,6 +159,7 @@ class Trainer:
         # process, which is right only when the step count was computed for a single process.
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, warmup, self.max_steps)
         self.position = TrainingPosition()
+        self.rows_left_out = 0  # rows that fit in no batch of their epoch (see textcl.data.sampler), this process's epochs
         self.steps = StepRunner(config, self.model, self.loss, self.accelerator, momentum, guide, teacher)
         # textcl's own state, saved as safetensors + JSON by textcl.training.checkpoint (never as pickles)
         self.objects = {"scheduler": self.scheduler, "position": self.position, "loss": self.loss}
@@ -180,6 +181,7 @@ class Trainer:
         so it must hear the epoch too, or a resumed run would replay epoch 0's order.
         """
         self.data.set_epoch(epoch)
+        self.rows_left_out += getattr(self.data.batcher, "left_out", 0)
         if hasattr(self.prepared_loader, "set_epoch"):
             self.prepared_loader.set_epoch(epoch)
 
@@ -277,7 +279,8 @@ class Trainer:
         self.model.train()  # from_pretrained returns eval mode: no dropout, so no SimCSE positives
         bar = tqdm(total=self.max_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
         started, samples = time.perf_counter(), 0
-        while position.step < self.max_steps:
+        epochs = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else math.inf
+        while position.step < self.max_steps and position.epoch < epochs:
             self.start_epoch(position.epoch)
             loader = self.prepared_loader
             if position.batches_in_epoch:
@@ -332,6 +335,8 @@ class Trainer:
         bar.close()
         runtime = time.perf_counter() - started
         speed = {"train_runtime": runtime, "train_samples_per_second": samples / runtime}
+        if self.rows_left_out:
+            speed["rows_left_out"] = self.rows_left_out
         self.log({"step": position.step, **speed})
         metrics = self.finish()
         if accelerator.is_main_process:
