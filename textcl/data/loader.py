@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from textcl.config import DataArguments
 from textcl.data.collator import AUGMENTATIONS, ContrastiveCollator
+from textcl.data.holdout import HeldOut, split_held_out
 from textcl.data.rows import has_dropout_positives, load_rows, max_negatives
 from textcl.data.sampler import NoDuplicatesBatchSampler, StreamBatches, row_index
 from textcl.errors import TextclError
@@ -25,7 +26,8 @@ class TrainingData:
     """A DataLoader of tokenized batches (see `ContrastiveCollator`) and what the run's summary needs to know.
 
     `rows` is None for streamed data (no length); `dropout_positives`: some rows are their own positive;
-    `num_negatives`: the most hard negatives a row has (0: in-batch negatives only).
+    `num_negatives`: the most hard negatives a row has (0: in-batch negatives only); `held_out`: the rows
+    `eval_split` keeps out of training.
     """
 
     loader: DataLoader
@@ -34,6 +36,7 @@ class TrainingData:
     rows: int | None
     dropout_positives: bool
     num_negatives: int
+    held_out: HeldOut | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the batches and re-draw the augmentations of `epoch` (deterministic, so resumable)."""
@@ -93,6 +96,17 @@ def build_training_data(
     if data.batch_per_source and data.streaming:
         raise TextclError("batch_per_source needs map-style data: set streaming: false")
     rows = load_rows(data, report=process_index == 0, teacher_scores=teacher_scores)
+    held_out = None
+    if data.eval_split:
+        if data.streaming:
+            raise TextclError("eval_split holds rows out of map-style data: set streaming: false (or drop eval_split)")
+        total = len(rows)
+        rows, held_out = split_held_out(rows, data.eval_split, seed)
+        if process_index == 0:
+            shared = (f"; {held_out.dropped} more rows share a held-out text and are left out of training"
+                      if held_out.dropped else "")
+            print(f"textcl: holding out {len(held_out.anchors)} of {total} rows to evaluate on (eval_split "
+                  f"{data.eval_split:g}, seed {seed}){shared}", file=sys.stderr)
     collator = ContrastiveCollator(
         tokenizer=tokenizer,
         query_max_length=data.query_max_length or max_seq_length,
@@ -104,7 +118,8 @@ def build_training_data(
         seed=seed,
     )
     generator = torch.Generator().manual_seed(seed)  # keeps DataLoader seeding off the global RNG
-    summary = dict(dropout_positives=has_dropout_positives(rows), num_negatives=collator.num_negatives)
+    summary = dict(dropout_positives=has_dropout_positives(rows), num_negatives=collator.num_negatives,
+                   held_out=held_out)
     if data.streaming:
         from datasets.distributed import split_dataset_by_node  # streaming only
 

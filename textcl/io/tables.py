@@ -81,7 +81,15 @@ def read(builder: str, options: dict[str, Any], streaming: bool, source: str, wh
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "corresponds to no data" in reason:
             raise TextclError(f"{what} {source!r} has no rows") from error
-        raise TextclError(f"could not load {what} {source!r}: {reason}") from error
+        raise TextclError(f"could not load {what} {source!r}: {reason}{hub_hint(what) if path is None else ''}") \
+            from error
+
+
+def hub_hint(what: str) -> str:
+    """How to run without a Hub dataset that did not load: a local file instead, or (for an evaluation) none."""
+    if what.startswith("eval_"):
+        return f"; point {what} at a local file (README: Data formats) or skip it with --{what} none"
+    return f"; point {what} at a local file (README: Data formats)"
 
 
 def read_records(source: str | Path, what: str = "file", split: str = "train") -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ from typing import Any
 from textcl.training.guards import training_warnings
 
 # The headline figure of each evaluation, the one the summary compares before and after.
-HEADLINES = (("sts", "spearman"), ("retrieval", "ndcg@10"))
+HEADLINES = (("sts", "spearman"), ("retrieval", "ndcg@10"), ("heldout", "ndcg@10"))
+EVALUATIONS = tuple(group for group, _ in HEADLINES)  # the keys of a metrics.jsonl record that hold an evaluation
 # A drop smaller than this is rounding noise in the printed figures, not a regression.
 WORSE_BY = 1e-4
 
@@ -37,8 +38,8 @@ def headline_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
 def base_evaluation(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The evaluation of the base model: the metrics.jsonl record of step 0 ({} when none was logged)."""
     for record in records:
-        if record.get("step") == 0 and ("sts" in record or "retrieval" in record):
-            return {key: record[key] for key in ("sts", "retrieval") if key in record}
+        if record.get("step") == 0 and any(key in record for key in EVALUATIONS):
+            return {key: record[key] for key in EVALUATIONS if key in record}
     return {}
 
 
@@ -88,5 +89,6 @@ def summary_lines(output_dir: str | Path, records: list[dict[str, Any]], after: 
         else:
             lines.append(f"  {name}: {value:.4f}")
     if not new:
-        lines.append("  no evaluation (set eval_sts or eval_beir to see the base model and the trained one compared)")
+        lines.append("  no evaluation: set eval_split: 0.1 to measure the run on held-out rows of its own data (or "
+                     "eval_sts, eval_beir), the base model and the trained one compared")
     return lines

@@ -77,7 +77,7 @@ from textcl.training.setup import (
     reads_teacher_scores,
 )
 from textcl.training.step import StepRunner, optimizer_step
-from textcl.training.summary import run_warnings, summary_lines
+from textcl.training.summary import EVALUATIONS, run_warnings, summary_lines
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
@@ -190,13 +190,18 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluation on every process (corpus encoding is sharded across them); {} without eval sets."""
-        data = self.config.data
-        if not (data.eval_sts or data.eval_beir):
+        data, held_out = self.config.data, self.data.held_out
+        if not (data.eval_sts or data.eval_beir or held_out):
             return {}
-        from textcl.evaluation.suite import evaluate  # only with eval sets: training never loads faiss and scipy
+        from textcl.evaluation.pairs import evaluate_pairs  # only with eval sets: training never loads faiss, scipy
+        from textcl.evaluation.suite import evaluate
 
         encoder = evaluation_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
-        return evaluate(encoder, sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split)
+        results = evaluate(encoder, sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split) \
+            if data.eval_sts or data.eval_beir else {}
+        if held_out:  # rows of the run's own data, kept out of training (eval_split)
+            results["heldout"] = evaluate_pairs(encoder, held_out.anchors, held_out.positives, held_out.negatives)
+        return results
 
     def saved_bytes(self) -> tuple[int, int]:
         """About how many bytes the final model and one checkpoint take (weights; Adam's two moments of the
@@ -272,7 +277,7 @@ class Trainer:
             if accelerator.is_main_process:
                 trim_metrics(self.output_dir, self.position.step)
         position = self.position
-        if position.step == 0 and (self.config.data.eval_sts or self.config.data.eval_beir):
+        if position.step == 0 and (self.config.data.eval_sts or self.config.data.eval_beir or self.data.held_out):
             if accelerator.is_main_process:  # the "before" of the closing summary, logged as step 0
                 print("textcl: evaluating the base model (step 0)", file=sys.stderr)
             self.log({"step": 0, **self.evaluate()})
@@ -407,8 +412,8 @@ class Trainer:
         if not name or best is None:
             return metrics, None
         for record in read_metrics(self.output_dir):
-            if ("sts" in record or "retrieval" in record) and lookup(record, name) == best:
-                return {key: record[key] for key in ("sts", "retrieval") if key in record}, record["step"]
+            if any(key in record for key in EVALUATIONS) and lookup(record, name) == best:
+                return {key: record[key] for key in EVALUATIONS if key in record}, record["step"]
         return metrics, None
 
     def write_card(self, metrics: dict[str, Any], folder: Path) -> None:

@@ -1,0 +1,45 @@
+"""Retrieval on (anchor, positive[, negatives]) pairs: the measure of `eval_split` (rows held out of a run's own
+training data) and of `textcl eval --pairs FILE`.
+
+Each distinct anchor is a query whose relevant documents are its rows' positives; the corpus is every positive and every
+negative (each distinct text once, so rows that share a positive share its document). The same ranking and
+metrics as BEIR retrieval (`textcl.evaluation.retrieval.rank_and_measure`), as sentence-transformers'
+InformationRetrievalEvaluator does for a user's own pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from textcl.errors import TextclError
+from textcl.evaluation.retrieval import rank_and_measure
+from textcl.model.encoder import Encoder
+from textcl.retrieval.corpus_embeddings import default_prompt_name
+
+
+def evaluate_pairs(
+    encoder: Encoder,
+    anchors: Sequence[str],
+    positives: Sequence[str],
+    negatives: Sequence[Sequence[str]] = (),
+    k_values: Sequence[int] = (1, 3, 5, 10),
+    **options: Any,
+) -> dict[str, float | int]:
+    """nDCG, MRR, Recall, MAP and Precision at every k of finding each anchor's positive among all positives and
+    negatives, plus "n_queries", "n_skipped_queries" and "n_docs"; `options` go to `rank_and_measure`.
+    `negatives`: per row, its hard negatives (may be empty)."""
+    if not anchors or len(anchors) != len(positives):
+        raise TextclError("pair evaluation needs as many positives as anchors, and at least one pair")
+    doc_ids: dict[str, str] = {}
+    for text in [*positives, *(n for row in negatives for n in row)]:
+        doc_ids.setdefault(text, f"d{len(doc_ids)}")
+    query_ids: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    for anchor, positive in zip(anchors, positives):
+        query_id = query_ids.setdefault(anchor, f"q{len(query_ids)}")
+        qrels.setdefault(query_id, {})[doc_ids[positive]] = 1
+    queries = {query_id: anchor for anchor, query_id in query_ids.items()}
+    options.setdefault("query_prompt_name", default_prompt_name(encoder, None, "query"))
+    options.setdefault("document_prompt_name", default_prompt_name(encoder, None, "document"))
+    return rank_and_measure(encoder, queries, {i: text for text, i in doc_ids.items()}, qrels, k_values, **options)
