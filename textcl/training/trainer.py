@@ -443,10 +443,29 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_local_sources(data_sources(config.data))  # a missing file is one line before the model loads
     output_dir = Path(config.training.output_dir)
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
+    found = set(output_dir.iterdir()) if output_dir.is_dir() else None
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
-    with lock if first_process else contextlib.nullcontext():
-        with collective_failures(lambda: 0, config.training.ddp_timeout):  # another process failed setting up
-            trainer = Trainer(config)
-        with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps),
-                                 config.training.ddp_timeout):
-            return trainer.train()
+    trainer = None
+    try:
+        with lock if first_process else contextlib.nullcontext():
+            with collective_failures(lambda: 0, config.training.ddp_timeout):  # another process failed setting up
+                trainer = Trainer(config)
+            with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps),
+                                     config.training.ddp_timeout):
+                return trainer.train()
+    except BaseException:
+        if first_process and (trainer is None or trainer.position.step == 0):
+            leave_as_found(output_dir, found)
+        raise
+
+
+def leave_as_found(output_dir: Path, found: set[Path] | None) -> None:
+    """Undo a run that stopped before its first step: remove what it added to output_dir (`found`: the folder's
+    entries before the run; None: the folder did not exist), so the next run does not find a run there."""
+    if not output_dir.is_dir():
+        return
+    if found is None:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return
+    for path in set(output_dir.iterdir()) - found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
