@@ -80,14 +80,36 @@ def fit_batches(
     kept, surplus = [list(b) for b in batches[:count]], [item for b in batches[count:] for item in b]
     seen = [set().union(*map(ids_of, batch)) for batch in kept]
     left_out = 0
+
+    def make_room(full: int) -> bool:
+        """Move one row of batch `full` (of its first 64: bounded work on data where most rows clash) to another
+        batch with room and none of its texts."""
+        for row in kept[full][:64]:
+            row_ids = ids_of(row)
+            other = next((i for i in range(len(kept)) if i != full and fits(i, row_ids)), None)
+            if other is not None:
+                kept[full].remove(row)
+                seen[full] -= row_ids
+                move(row, row_ids, other)
+                return True
+        return False
+
+    def fits(i: int, ids: set[int]) -> bool:
+        return len(kept[i]) < batch_size and seen[i].isdisjoint(ids)
+
+    def move(item: T, ids: set[int], i: int) -> None:
+        kept[i].append(item)
+        seen[i] |= ids
+
     for item in surplus:
         ids = ids_of(item)
-        room = next((i for i, batch in enumerate(kept) if len(batch) < batch_size and seen[i].isdisjoint(ids)), None)
+        room = next((i for i in range(len(kept)) if fits(i, ids)), None)
+        if room is None:  # a full batch without its texts may pass one of its rows on to a batch with room
+            room = next((i for i in range(len(kept)) if seen[i].isdisjoint(ids) and make_room(i)), None)
         if room is None:
             left_out += 1
         else:
-            kept[room].append(item)
-            seen[room] |= ids
+            move(item, ids, room)
     for lone in [i for i, batch in enumerate(kept) if len(batch) < 2]:
         ids = seen[lone]
         for donor in (d for d in range(len(kept)) if len(kept[d]) >= 3):
