@@ -11,6 +11,10 @@ import argparse
 from pathlib import Path
 
 from textcl.cli.options import defaults_of
+from textcl.demo.run import demo_rows, query_document_pairs, split_rows
+from textcl.evaluation.pairs import evaluate_pairs
+from textcl.io.pairs import read_evaluation_pairs
+from textcl.model.encoder import Encoder
 from textcl.model.onnx_export import INT8_FILE, MODEL_FILE, QUANTIZATIONS, export_onnx
 
 INT8_MIN_COSINE = 0.95  # lowest cosine of an int8 embedding to the torch one on the sample texts
@@ -35,22 +39,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluation_pairs(path: str | None) -> tuple[list[str], list[str], list[list[str]], str]:
-    """(anchors, positives, negatives, what they are) of `path`, or the built-in pairs."""
+    """(anchors, positives, negatives, what they are) of `path`, or the built-in pairs (the demo's bundled
+    public-domain sentences)."""
     if path:
-        from textcl.io.pairs import read_evaluation_pairs
-
         return (*read_evaluation_pairs(path), path)
-    from textcl.demo.run import query_document_pairs, split_rows, demo_rows  # the bundled public-domain sentences
-
     pairs = query_document_pairs(split_rows(demo_rows())[1][:BUILT_IN_PAIRS])
     return [q for q, _ in pairs], [d for _, d in pairs], [], f"{len(pairs)} built-in pairs"
 
 
 def int8_quality(folder: Path, path: str | None) -> tuple[float, float, str]:
     """(nDCG@10 of the fp32 graph, of the int8 graph, the pairs measured) on `evaluation_pairs(path)`."""
-    from textcl.evaluation.pairs import evaluate_pairs
-    from textcl.model.encoder import Encoder
-
     anchors, positives, negatives, what = evaluation_pairs(path)
     scores = [evaluate_pairs(Encoder.load(folder, backend="onnx", onnx_file=name), anchors, positives, negatives,
                              k_values=(10,))["ndcg@10"] for name in (MODEL_FILE, INT8_FILE)]

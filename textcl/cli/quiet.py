@@ -81,5 +81,4 @@ def quiet_python(verbose: bool) -> None:
     elif ROOT_SILENCER not in root.handlers:
         root.addHandler(ROOT_SILENCER)
     if TEXTCL_HANDLER not in textcl.handlers:
-        textcl.addHandler(TEXTCL_HANDLER)
-        textcl.propagate = False
+        textcl.addHandler(TEXTCL_HANDLER)  # records still propagate (to pytest's caplog, say; the root drops them)

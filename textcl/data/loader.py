@@ -135,6 +135,9 @@ def build_training_data(
         )
     ids, lengths, sources = row_index(rows, data.group_by_length)
     sampler = NoDuplicatesBatchSampler(ids, batch_size, drop_last, seed, lengths, sources)
+    if not sampler.batches:
+        raise TextclError(f"no batch of 2 rows can be made without a text twice in it ("
+                          f"{repeated_texts(rows) or 'every row shares a text with every other'}); deduplicate the data")
     if process_index == 0:
         warn_about_duplicates(rows, sampler, batch_size)
     loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collator, generator=generator)

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from textcl.errors import TextclError
+from textcl.evaluation.pairs import evaluate_pairs
 from textcl.evaluation.retrieval import evaluate_retrieval
 from textcl.evaluation.retrieval_metrics import METRIC_NAMES
 from textcl.evaluation.sts import STS_COLUMNS, evaluate_sts
 from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+
+__all__ = ["evaluate", "evaluate_pairs", "format_table"]  # evaluate_pairs: the held-out rows of a run (eval_split)
 
 
 def evaluate(

@@ -193,8 +193,7 @@ class Trainer:
         data, held_out = self.config.data, self.data.held_out
         if not (data.eval_sts or data.eval_beir or held_out):
             return {}
-        from textcl.evaluation.pairs import evaluate_pairs  # only with eval sets: training never loads faiss, scipy
-        from textcl.evaluation.suite import evaluate
+        from textcl.evaluation.suite import evaluate, evaluate_pairs  # only with eval sets: no faiss, scipy else
 
         encoder = evaluation_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
         results = evaluate(encoder, sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split) \
