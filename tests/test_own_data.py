@@ -102,6 +102,7 @@ def test_the_duplicate_data_trains_the_steps_it_planned_and_warns_naming_the_dup
     assert max(r.get("epoch", 0) for r in records) < 2
     assert "heldout" in records[0] and records[0]["step"] == 0 and "heldout" in records[-1]
     assert "heldout.ndcg@10:" in result.stdout and "(base model) ->" in result.stdout
+    assert "  6 rows left out of their epoch's batches in all" in result.stdout  # 3 copies of the positive an epoch
 
 
 def test_no_held_out_text_is_trained_on_and_the_split_follows_the_seed(tmp_path: Path) -> None:
