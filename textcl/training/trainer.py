@@ -442,29 +442,32 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_local_sources(data_sources(config.data))  # a missing file is one line before the model loads
     output_dir = Path(config.training.output_dir)
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
-    found = set(output_dir.iterdir()) if output_dir.is_dir() else None
+    existed = output_dir.is_dir()
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
-    trainer = None
-    try:
-        with lock if first_process else contextlib.nullcontext():
+    with lock if first_process else contextlib.nullcontext():
+        # listed under the lock: another writer's files are never taken for this run's
+        found = {path for path in output_dir.iterdir() if path.name != ".textcl.lock"} if output_dir.is_dir() else set()
+        trainer = None
+        try:
             with collective_failures(lambda: 0, config.training.ddp_timeout):  # another process failed setting up
                 trainer = Trainer(config)
             with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps),
                                      config.training.ddp_timeout):
                 return trainer.train()
-    except BaseException:
-        if first_process and (trainer is None or trainer.position.step == 0):
-            leave_as_found(output_dir, found)
-        raise
+        except BaseException:
+            if first_process and (trainer is None or trainer.position.step == 0):
+                leave_as_found(output_dir, found if existed or found else None)
+            raise
 
 
 def leave_as_found(output_dir: Path, found: set[Path] | None) -> None:
     """Undo a run that stopped before its first step: remove what it added to output_dir (`found`: the folder's
-    entries before the run; None: the folder did not exist), so the next run does not find a run there."""
+    entries before the run; None: the folder did not exist), so the next run does not find a run there. Called
+    under the folder's lock (whose file goes with the folder, or when the lock is released)."""
     if not output_dir.is_dir():
         return
     if found is None:
         shutil.rmtree(output_dir, ignore_errors=True)
         return
-    for path in set(output_dir.iterdir()) - found:
+    for path in {p for p in output_dir.iterdir() if p.name != ".textcl.lock"} - found:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
