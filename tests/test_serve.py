@@ -225,6 +225,16 @@ def bad_requests() -> list[tuple[str, dict[str, Any], int, str]]:
         ("write with another scheme", {**write, "headers": {"Authorization": f"Basic {KEY}"}, "body": [{"id": "n", "text": "t"}]},
          401, "writes need an API key"),
         ("delete without the key", {"path": "/documents/doc-1", "method": "DELETE"}, 401, "writes need an API key"),
+        # the key is checked before the body is read: a client without it learns nothing from the body's parsing
+        ("bad body without the key", {**write, "headers": {}, "raw": b'{"id":'}, 401, "writes need an API key"),
+        ("big body without the key", {**write, "headers": {}, "body": [{"id": "n", "text": "t" * 5000}]}, 401,
+         "writes need an API key"),
+        ("bad body with a wrong key", {**write, "headers": {"Authorization": "Bearer nope"}, "raw": b"[{"}, 403,
+         "wrong API key"),
+        # control characters in ids are refused: DELETE /documents/{id} could never match a newline
+        ("id with a newline", {**write, "body": [{"id": "line1\nline2", "text": "t"}]}, 422,
+         r"0.id: must not hold control characters \(it holds U\+000A\)"),
+        ("id with a NUL", {**write, "body": [{"id": "a\u0000b", "text": "t"}]}, 422, "U\\+0000"),
         ("delete an unknown id", {"path": "/documents/no-such-doc", "method": "DELETE", "headers": write["headers"]}, 404,
          "no document has the id 'no-such-doc'"),
         ("unknown path", {"path": "/nowhere"}, 404, "Not Found"),
