@@ -18,6 +18,7 @@ from textcl.cli import main
 from textcl.config import DataArguments
 from textcl.data.loader import build_training_data
 from textcl.errors import TextclError
+from textcl.io.beir import read_qrels
 
 LONG_TEXT = " ".join(SENTENCES * 12)  # several hundred tokens
 
@@ -115,3 +116,11 @@ def test_infinite_teacher_scores_are_refused_naming_the_row(score: str, tmp_path
     with pytest.raises(TextclError, match=rf"row 2 of .* has an infinite teacher score \(positive_score: '{score}'\)"):
         build_training_data(DataArguments(train_data=[str(path)]), tokenizer=None, max_seq_length=8, prompts={},
                             batch_size=1, seed=0, teacher_scores=True)
+
+
+def test_an_infinite_relevance_grade_is_one_line(tmp_path: Path) -> None:
+    """The same class in BEIR qrels: `1e999` was an OverflowError from int(float(...)), a traceback."""
+    qrels = tmp_path / "test.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t1e999\n")
+    with pytest.raises(TextclError, match=r"test.tsv:3: relevance score '1e999' is infinite"):
+        read_qrels(qrels)

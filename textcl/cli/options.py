@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from textcl.hub.model_card import write_model_card
 from textcl.io.targets import write_model_folder
 from textcl.model.encoder import BACKENDS, Encoder
 from textcl.model.precision import BF16_SETTINGS, resolve_precision
@@ -110,8 +111,6 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
 def save_model(encoder: Encoder, out: str | Path) -> None:
     """Write `encoder` with its model card into `out`, replacing its old content in one rename (the card names
     `out`, not the temporary folder it is written in)."""
-    from textcl.hub.model_card import write_model_card  # the card's templates: only for commands that save
-
     name = Path(out).resolve().name
     write_model_folder(out, lambda folder: encoder.save(folder, model_card=lambda enc, path: write_model_card(
         enc, path, model_id=name)))
