@@ -184,7 +184,12 @@ def test_a_second_server_on_one_folder_is_refused(index_dir: Path, tmp_path: Pat
     folder = fresh_copy(index_dir, tmp_path)
     with serving(folder) as (url, _):
         capsys.readouterr()
-        assert main(["serve", str(folder), "--port", "0"]) == 2
+        second: dict[str, int] = {}  # in a thread: a second server that starts must fail the test, not hang it
+        thread = threading.Thread(target=lambda: second.update(code=main(["serve", str(folder), "--port", "0"])),
+                                  daemon=True)
+        thread.start()
+        thread.join(60)
+        assert second.get("code") == 2, "a second server started on the folder"
         err = capsys.readouterr().err.strip()
         assert err == (f"textcl: error: {str(folder)!r} is already served by process {os.getpid()}; stop that "
                        "server, or serve a copy of the folder")
