@@ -179,8 +179,10 @@ def test_a_full_tmpfs_loses_no_acknowledged_write_and_keeps_no_rejected_one(mode
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_second_server_on_one_folder_is_refused(index_dir: Path, tmp_path: Path,  # noqa: F811
+def test_a_second_server_on_one_folder_is_refused(index_dir: Path, model_dir: Path, tmp_path: Path,  # noqa: F811
                                                   capsys: pytest.CaptureFixture) -> None:
+    """Refused, not serialised: each server holds the index in memory, so two could never see each other's
+    writes, and each one's snapshot would overwrite the other's. Rebuilding a served index is refused too."""
     folder = fresh_copy(index_dir, tmp_path)
     with serving(folder) as (url, _):
         capsys.readouterr()
@@ -193,6 +195,10 @@ def test_a_second_server_on_one_folder_is_refused(index_dir: Path, tmp_path: Pat
         err = capsys.readouterr().err.strip()
         assert err == (f"textcl: error: {str(folder)!r} is already served by process {os.getpid()}; stop that "
                        "server, or serve a copy of the folder")
+        (tmp_path / "corpus.txt").write_text("one document\nanother document\n")
+        assert main(["index", str(model_dir), "--corpus", str(tmp_path / "corpus.txt"), "--out", str(folder),
+                     "--overwrite"]) == 2
+        assert f"is served by process {os.getpid()}; stop that server" in capsys.readouterr().err
         assert add(url, "still-mine")[0] == 201
 
 

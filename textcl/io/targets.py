@@ -7,13 +7,20 @@ swapped in), so the old model stays whole until the new one is complete.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
 
 from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock, write_folder
 
 MODEL_MARKERS = ("config.json", "modules.json", "adapter_config.json")
+SERVER_LOCK = ".serve.lock"  # in an index folder: flock-held by the `textcl serve` of it, holds its PID
 
 
 def refusal(path: Path, holds: str, option: str = "--overwrite") -> TextclError:
@@ -44,3 +51,18 @@ def write_model_folder(path: str | Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     with exclusive_lock(path, what="the model folder"):
         write_folder(path, write, "the model")
+
+
+def serving_process(folder: Path) -> str | None:
+    """The PID of the live `textcl serve` holding index folder `folder` (its `.serve.lock`), or None."""
+    path = Path(folder) / SERVER_LOCK
+    if fcntl is None or not path.is_file():
+        return None
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(descriptor, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    finally:
+        os.close(descriptor)  # releases a shared lock taken here

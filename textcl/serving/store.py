@@ -41,6 +41,7 @@ import torch
 
 from textcl.errors import TextclError
 from textcl.io.atomic import SPACE_ERRNOS, fsync_dir, write_text_atomically
+from textcl.io.targets import SERVER_LOCK
 from textcl.model.encoder import Encoder
 from textcl.retrieval.search_index import SearchIndex
 
@@ -48,7 +49,6 @@ LOG_NAME = "serve-log.jsonl"
 SNAPSHOT_DIR = ".snapshot"
 COMPLETE = "COMPLETE"
 SEQ_KEY = "serve_log_seq"
-SERVER_LOCK = ".serve.lock"  # held (flock) by the one server of the folder; holds its PID
 
 logger = logging.getLogger(__name__)
 
