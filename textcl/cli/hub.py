@@ -8,8 +8,8 @@ from pathlib import Path
 from textcl.cli.options import add_overwrite_option, defaults_of, save_model
 from textcl.errors import TextclError
 from textcl.hub.push import push_to_hub
-from textcl.model.encoder import Encoder
 from textcl.io.targets import check_model_target
+from textcl.model.encoder import Encoder
 from textcl.model.lora import is_adapter_folder, merged
 
 

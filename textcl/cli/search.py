@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from textcl.cli.options import (
-    add_overwrite_option,
     add_backend_options,
     add_device_option,
     add_encoding_options,
+    add_overwrite_option,
     add_quantize_options,
     cache_dir_of,
     defaults_of,

@@ -29,12 +29,14 @@ try:
     from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
     from starlette.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from swagger_ui_bundle import swagger_ui_path
 except ModuleNotFoundError as missing:
     raise TextclError(f"textcl serve needs {missing.name}: pip install \"textcl[serve]\"") from missing
 
 from textcl import __version__
+from textcl.retrieval.index_folder import model_location
+from textcl.serving.guards import HostCheck, KeyCheck
 from textcl.serving.schemas import (
     AddResponse,
     DeleteResponse,
@@ -46,8 +48,6 @@ from textcl.serving.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from textcl.retrieval.index_folder import model_location
-from textcl.serving.guards import HostCheck, KeyCheck
 from textcl.serving.service import SearchService
 from textcl.serving.store import DuplicateIdError, LogWriteError, NotRemovableError, OutOfSpaceError, UnknownIdError
 
