@@ -24,9 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "at start-up")
     parser.add_argument("--out", default=None, help="with --corpus: keep the index (and its writes) in this folder")
     parser.add_argument("--host", default=defaults["host"], help="address to listen on (loopback: this machine only)")
-    parser.add_argument("--allowed_hosts", nargs="+", default=[], metavar="NAME",
-                        help="more host names clients may use in the Host header (IP addresses, localhost and --host "
-                        "always work; '*': any name, which lets DNS-rebinding web pages in)")
+    parser.add_argument("--allowed_hosts", action="append", default=[], metavar="NAME",
+                        help="a host name clients may use in the Host header, repeatable (IP addresses, localhost "
+                        "and --host always work; '*': any name, which lets DNS-rebinding web pages in)")
     parser.add_argument("--port", type=int, default=defaults["port"], help="port (0: any free one)")
     parser.add_argument("--api-key-env", "--api_key_env", dest="api_key_env", default=None, metavar="VAR",
                         help="writes (POST/DELETE /documents) need `Authorization: Bearer $VAR`; reads never do")
