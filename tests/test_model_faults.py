@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SENTENCES, build_tiny_bert, build_tokenizer
+from test_scoring import cross_encoder_dir  # noqa: F401 -- a fixture
 
 from textcl import Encoder
 from textcl.cli import main
@@ -19,6 +20,7 @@ from textcl.config import DataArguments
 from textcl.data.loader import build_training_data
 from textcl.errors import TextclError
 from textcl.io.beir import read_qrels
+from textcl.retrieval.scoring import load_teacher
 
 LONG_TEXT = " ".join(SENTENCES * 12)  # several hundred tokens
 
@@ -124,3 +126,12 @@ def test_an_infinite_relevance_grade_is_one_line(tmp_path: Path) -> None:
     qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t1e999\n")
     with pytest.raises(TextclError, match=r"test.tsv:3: relevance score '1e999' is infinite"):
         read_qrels(qrels)
+
+
+def test_a_cross_encoder_teacher_whose_tokenizer_does_not_fit_is_refused(cross_encoder_dir: Path,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    """The same check for `textcl score`'s cross-encoder teachers (sentence-transformers loads those)."""
+    folder = Path(shutil.copytree(cross_encoder_dir, tmp_path / "cross"))
+    widen_tokenizer(folder)
+    with pytest.raises(TextclError, match=r"can produce token id 40000 \('hello'\) but the model's vocabulary has"):
+        load_teacher(folder, device="cpu")
