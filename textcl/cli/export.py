@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from textcl.cli.options import defaults_of
+from textcl.cli.options import add_overwrite_option, defaults_of
 from textcl.demo.run import demo_rows, query_document_pairs, split_rows
 from textcl.evaluation.pairs import evaluate_pairs
 from textcl.io.pairs import read_evaluation_pairs
@@ -36,6 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_optimize", dest="optimize", action="store_false",
                         help="skip onnxruntime's fusions: standard ONNX ops only, for other runtimes (slower)")
     parser.set_defaults(optimize=defaults["optimize"])
+    add_overwrite_option(parser)
 
 
 def evaluation_pairs(path: str | None) -> tuple[list[str], list[str], list[list[str]], str]:
@@ -56,7 +57,8 @@ def int8_quality(folder: Path, path: str | None) -> tuple[float, float, str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    result = export_onnx(args.model, out=args.out, quantize=args.quantize, opset=args.opset, optimize=args.optimize)
+    result = export_onnx(args.model, out=args.out, quantize=args.quantize, opset=args.opset, optimize=args.optimize,
+                         overwrite=args.overwrite)
     for path in result.files:
         print(f"wrote {path} (lowest cosine to the torch model on sample texts: {result.cosines[path.name]:.6f})")
     if INT8_FILE not in result.cosines:
