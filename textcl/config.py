@@ -103,7 +103,8 @@ class DataArguments:
     )
     mining_options: list[str] = field(
         default_factory=list, metadata={"help": "`textcl mine` settings for mining_rounds as key=value, e.g. "
-                                        "num_negatives=3 min_negatives=0 query_max_length=64."}
+                                        "num_negatives=3 min_negatives=0 query_max_length=64; roundN.key=value "
+                                        "for round N only (round2.num_negatives=3)."}
     )
 
 

@@ -49,12 +49,18 @@ MINING_DEFAULTS = {name: parameter.default for name, parameter in inspect.signat
                    if name not in NOT_OPTIONS}
 
 
-def mining_settings(config: TrainConfig) -> dict[str, Any]:
-    """`mining_options` ("key=value", `textcl mine`'s option names) as `mine_hard_negatives` keywords, typed as its
-    defaults are ("none" for None); num_negatives defaults to the run's num_negatives, else 1."""
+def mining_settings(config: TrainConfig, number: int) -> dict[str, Any]:
+    """Round `number`'s `mining_options` ("key=value" with `textcl mine`'s option names; "roundN.key=value" for
+    round N only) as `mine_hard_negatives` keywords, typed as its defaults are ("none" for None); num_negatives
+    defaults to the run's num_negatives, else 1."""
     settings: dict[str, Any] = {"num_negatives": config.data.num_negatives or 1}
-    for option in config.data.mining_options:
+    for option in sorted(config.data.mining_options, key=lambda item: item.startswith("round")):
         key, _, text = option.partition("=")
+        scope, dot, name = key.partition(".")
+        if dot and scope.startswith("round") and scope[5:].isdigit():
+            if int(scope[5:]) != number:
+                continue
+            key = name
         if key not in MINING_DEFAULTS:
             match = difflib.get_close_matches(key, list(MINING_DEFAULTS), n=1, cutoff=0.0)
             raise TextclError(f"mining_options: unknown setting {key!r}" + (f"; did you mean {match[0]!r}?" if match
@@ -128,8 +134,9 @@ def train_rounds(config: TrainConfig) -> dict[str, Any]:
                               "--resume_from_checkpoint latest to continue it or --overwrite_output_dir true to "
                               "start over")
         records = read_record(output_dir) if resuming else []
-        settings, model, metrics = mining_settings(config), str(config.model.model_name_or_path), {}
-        for number in range(1, config.data.mining_rounds + 1):
+        model, metrics = str(config.model.model_name_or_path), {}
+        every = {n: mining_settings(config, n) for n in range(1, config.data.mining_rounds + 1)}  # errors first
+        for number, settings in every.items():
             last = number == config.data.mining_rounds
             negatives, model_dir = round_folders(output_dir, number)
             model_dir = output_dir if last else model_dir
