@@ -222,3 +222,25 @@ def test_hybrid_writes_survive_sigkill_under_serve(encoder: Encoder, tmp_path: P
     assert np.allclose(got.scores, want.scores, atol=1e-5)
     assert np.allclose(got.lexical_scores, want.lexical_scores, rtol=1e-5, equal_nan=True)
     store.close()
+
+
+def test_hybrid_search_with_the_onnx_backend_and_binary_vectors_equals_torch(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """The BM25 side and the fusion do not depend on how the dense side is computed: an ONNX encoder over a binary
+    index with rescoring fuses to the same results as torch over the same index type."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from textcl.model.onnx_export import export_onnx
+
+    folder = tmp_path / "model"
+    Encoder.load(tiny_model_dir, pooling="mean", normalize=True).save(folder)
+    export_onnx(folder)
+    built = {backend: SearchIndex.build(Encoder.load(folder, backend=backend), SENTENCES, IDS, hybrid=True,
+                                        quantize="binary", rescore=4) for backend in ("torch", "onnx")}
+    built["onnx"].save(tmp_path / "index")
+    onnx = SearchIndex.load(tmp_path / "index")
+    assert onnx.encoder.backend == "onnx"
+    got, want = onnx.search(QUERIES, k=4), built["torch"].search(QUERIES, k=4)
+    assert got.ids.tolist() == want.ids.tolist()
+    assert np.allclose(got.scores, want.scores, atol=1e-5)
+    assert np.allclose(got.lexical_scores, want.lexical_scores, rtol=1e-5, equal_nan=True)
+
