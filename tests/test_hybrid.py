@@ -244,3 +244,15 @@ def test_hybrid_search_with_the_onnx_backend_and_binary_vectors_equals_torch(tin
     assert np.allclose(got.scores, want.scores, atol=1e-5)
     assert np.allclose(got.lexical_scores, want.lexical_scores, rtol=1e-5, equal_nan=True)
 
+
+
+def test_a_hybrid_search_over_http_on_a_dense_index_is_a_400(tmp_path: Path, tiny_model_dir: Path) -> None:
+    pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+    from test_serve import call, running
+
+    SearchIndex.build(Encoder.load(tiny_model_dir, pooling="mean"), SENTENCES, IDS).save(tmp_path / "index")
+    with running(tmp_path / "index") as (url, _):
+        status, body, _ = call(f"{url}/search", "POST", {"query": "guitar", "mode": "hybrid"})
+        assert status == 400 and body["detail"].startswith("a hybrid search needs BM25, and this index was built")
+        status, body, _ = call(f"{url}/search", "POST", {"query": "guitar", "k": 2})
+        assert status == 200 and set(body["results"][0]["hits"][0]) == {"id", "score", "text"}

@@ -135,7 +135,7 @@ class LexicalIndex:
         int64, best first; rows past the matching documents are -1 (scores -inf). Ties go to the lower row."""
         scores = self.scores(queries)
         k = min(k, self.size)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        order = np.stack([top_rows(row, k) for row in scores]) if len(scores) else np.empty((0, k), np.int64)
         top = np.take_along_axis(scores, order, axis=1)
         return np.where(top > 0, top, -np.inf).astype(np.float32), np.where(top > 0, order, -1).astype(np.int64)
 
@@ -161,3 +161,13 @@ class LexicalIndex:
             raise TextclError(f"the BM25 files in {str(root)!r} hold {model.scores['num_docs']} documents but the "
                               f"index holds {size}; rebuild it with `textcl index --hybrid`")
         return cls(LexicalSettings.of(record), model, size)
+
+
+def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the k best of `scores` `[n]`, best first, ties in row order: what a stable sort of all n gives,
+    sorting only the rows at or above the k-th best score."""
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
+    rows = np.flatnonzero(scores >= threshold)
+    return rows[np.lexsort((rows, -scores[rows]))][:k]
