@@ -6,7 +6,8 @@
     python bench/retrieval_rounds.py recipe --seeds 42 43 44         # recipes/retrieval-rounds.yaml end to end
     python bench/retrieval_rounds.py student --data round1-3 --seeds 42 43 44     # the 3-layer student
     python bench/retrieval_rounds.py hybrid --model outputs/bench-rounds/runs/recipe-42   # dense/BM25/hybrid
-    python bench/retrieval_rounds.py ablation --seeds 42 --max_steps 2 --scale 0.02 --work /tmp/rounds-smoke
+    python bench/retrieval_rounds.py ablation --sides base-1 round1-3 --seeds 42 --max_steps 2 --scale 0.02 \
+        --per_device_train_batch_size 4 --work /tmp/rounds-smoke                   # a smoke run
 
 The dev split: --dev_queries (100) of SciFact train's 919 claims, drawn with --split_seed (0), written with the
 rest as a BEIR folder in --work (scifact-dev/: qrels/train.tsv without the dev claims, qrels/dev.tsv, the test
@@ -122,6 +123,8 @@ def train(recipe: str, overrides: list, seed: int, output: Path, args: argparse.
                  "true"]
     if args.max_steps:
         arguments += ["--max_steps", str(args.max_steps)]
+    if args.per_device_train_batch_size:
+        arguments += ["--per_device_train_batch_size", str(args.per_device_train_batch_size)]
     start = time.perf_counter()
     train_run(load_config(recipe, arguments))
     return time.perf_counter() - start
@@ -143,8 +146,9 @@ def evaluate(folder: Path, data: Path, args: argparse.Namespace) -> dict[str, fl
 
     encoder = Encoder.load(folder)
     general = general_set(args.work, args.scale)
-    return {"dev": evaluate_retrieval(encoder, data, "dev", k_values=(10,))["ndcg@10"],
-            "test": evaluate_retrieval(encoder, data, "test", k_values=(10,))["ndcg@10"],
+    cache = args.work / "cache"  # the corpus is encoded once for dev and test
+    return {"dev": evaluate_retrieval(encoder, data, "dev", k_values=(10,), cache_dir=cache)["ndcg@10"],
+            "test": evaluate_retrieval(encoder, data, "test", k_values=(10,), cache_dir=cache)["ndcg@10"],
             "stsb": evaluate_sts(encoder, sts_file(args.work, args.scale))["spearman"],
             "general": evaluate_retrieval(encoder, general, "test", k_values=(10,))["ndcg@10"]}
 
@@ -229,13 +233,15 @@ def main() -> None:
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--max_steps", type=int, default=None, help="cap every training run (smoke runs)")
     parser.add_argument("--scale", type=float, default=1.0, help="share of SciFact to use (smoke runs)")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=None, help="(smoke runs; default: the "
+                        "recipe's)")
     args = parser.parse_args()
     (args.work / "runs").mkdir(parents=True, exist_ok=True)
     data = write_split(args.work, args.dev_queries, args.split_seed, args.scale)
     if args.bench == "hybrid":
         for fusion in (["--fusion", "weighted", "--fusion_dev_split", "dev"], ["--fusion", "rrf"]):
             cli("eval", args.model or minilm_path(), "--beir", data, "--split", "test", "--hybrid", *fusion,
-                "--json", args.work / f"hybrid-{fusion[1]}.json")
+                "--json", args.work / f"hybrid-{fusion[1]}.json", "--cache_dir", args.work / "cache")
         return
     base = evaluate(Path(minilm_path()), data, args)
     print(f"RUN base {json.dumps(base)}", flush=True)
