@@ -162,7 +162,7 @@ def ablation_side(side: str, seed: int, data: Path, args: argparse.Namespace) ->
         extra = 0.0
     else:
         round_one = runs / f"base-1-{seed}"
-        if not (round_one / "textcl.json").is_file() or not (round_one / "modules.json").is_file():
+        if not (runs / f"base-1-{seed}.json").is_file():  # base-1 of this seed is the round-1 model
             ablation_side("base-1", seed, data, args)
         record = json.loads((runs / f"base-1-{seed}.json").read_text())
         start = time.perf_counter()
