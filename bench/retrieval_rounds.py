@@ -186,8 +186,9 @@ def recipe_run(seed: int, data: Path, args: argparse.Namespace) -> dict:
 
 
 def student_run(seed: int, data: Path, args: argparse.Namespace) -> dict:
-    from textcl import Encoder
     from common import scifact_docs
+
+    from textcl import Encoder
 
     student = args.work / "minilm-l3"
     if not (student / "modules.json").is_file():
@@ -200,8 +201,10 @@ def student_run(seed: int, data: Path, args: argparse.Namespace) -> dict:
     seconds = train("recipes/distill-small.yaml", ["--model_name_or_path", student, "--train_data", source,
                                                    "--distill_loss", "none"], seed, output, args)
     docs = scifact_docs(1000)
-    speed = {name: len(docs) / best_time(lambda m=Encoder.load(folder, device="cpu"): m.encode(docs, batch_size=64), 2)
-             for name, folder in (("student", output), ("teacher", teacher)) if (folder / "modules.json").is_file()}
+    models = {name: Encoder.load(folder, device="cpu") for name, folder in (("student", output), ("teacher", teacher))
+              if (folder / "modules.json").is_file()}
+    speed = {name: len(docs) / best_time(lambda m=model: m.encode(docs, batch_size=64), 2)
+             for name, model in models.items()}
     return {"side": f"student-{args.data}", "seed": seed, "seconds": seconds, "recipe_seconds": seconds,
             **evaluate(output, data, args),
             "speedup": speed["student"] / speed["teacher"] if "teacher" in speed else float("nan")}

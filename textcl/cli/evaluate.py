@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from textcl.cli.options import (
     add_encoding_options,
@@ -47,11 +48,11 @@ def run(args: argparse.Namespace) -> None:
         raise TextclError("--hybrid compares dense, BM25 and fused retrieval on a BEIR folder; pass --beir DIR")
     encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device, backend=args.backend,
                            onnx_file=args.onnx_file)
-    options = dict(
-        batch_size=args.batch_size, precision=precision_of(args), query_prompt_name=args.query_prompt_name,
-        document_prompt_name=args.document_prompt_name, query_max_length=args.query_max_length,
-        cache_dir=cache_dir_of(args), show_progress_bar=True, quantize=args.quantize, rescore=args.rescore,
-    )
+    options: dict[str, Any] = {
+        "batch_size": args.batch_size, "precision": precision_of(args), "query_prompt_name": args.query_prompt_name,
+        "document_prompt_name": args.document_prompt_name, "query_max_length": args.query_max_length,
+        "cache_dir": cache_dir_of(args), "show_progress_bar": True, "quantize": args.quantize, "rescore": args.rescore,
+    }
     if args.hybrid:
         results = evaluate(encoder, sts=args.sts, sts_columns=args.sts_columns, batch_size=args.batch_size,
                            precision=precision_of(args)) if args.sts else {}

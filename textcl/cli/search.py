@@ -23,13 +23,13 @@ from textcl.cli.options import (
 from textcl.errors import TextclError
 from textcl.evaluation.hybrid import choose_fusion_weight, sample_queries
 from textcl.evaluation.retrieval import judged_queries
-from textcl.io.beir import load_beir
 from textcl.io.atomic import exclusive_lock
+from textcl.io.beir import load_beir
 from textcl.io.corpus import read_corpus
 from textcl.model.encoder import Encoder
 from textcl.retrieval.faiss_index import set_search_params
-from textcl.retrieval.index_folder import check_index_target
 from textcl.retrieval.fusion import FusionSettings
+from textcl.retrieval.index_folder import check_index_target
 from textcl.retrieval.search_index import SEARCH_MODES, Hits, SearchIndex
 
 

@@ -144,8 +144,8 @@ def format_comparison(results: dict[str, dict[str, Any]]) -> str:
     if "fusion_dev" in results["hybrid"]:
         dev = results["hybrid"]["fusion_dev"]
         how += f", chosen on {dev['n_queries']} queries of split {dev['split']!r}"
-    lines = [f"retrieval: {first['n_queries']} queries ({first['n_skipped_queries']} skipped: no relevant document), "
-             f"{first['n_docs']} documents; hybrid = {how}",
+    lines = [(f"retrieval: {first['n_queries']} queries ({first['n_skipped_queries']} skipped: no relevant "
+              f"document), {first['n_docs']} documents; hybrid = {how}"),
              f"{'metric':>14s} " + " ".join(f"{side:>9s}" for side in sides)]
     for name in METRIC_NAMES:
         for k in k_values:

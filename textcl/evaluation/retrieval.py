@@ -79,7 +79,8 @@ def dense_run(
     or a quantized index with `quantize`); the options are `evaluate_retrieval`'s."""
     doc_ids = list(data.corpus)
     query_ids = judged_queries(data)
-    options = dict(batch_size=batch_size, precision=precision, cache_dir=cache_dir, show_progress_bar=show_progress_bar)
+    options = {"batch_size": batch_size, "precision": precision, "cache_dir": cache_dir,
+               "show_progress_bar": show_progress_bar}
     queries = encode_corpus(
         encoder,
         [data.queries[query_id] for query_id in query_ids],
