@@ -11,6 +11,7 @@ swagger-ui-bundle package, so they work offline.
 
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the routes defined inside
 # create_app, and a string annotation could not see the local `bearer` they depend on.
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -36,6 +37,7 @@ except ModuleNotFoundError as missing:
 
 from textcl import __version__
 from textcl.retrieval.index_folder import model_location
+from textcl.retrieval.search_index import Hits
 from textcl.serving.guards import HostCheck, KeyCheck
 from textcl.serving.schemas import (
     AddResponse,
@@ -93,6 +95,20 @@ def json_response(body: BaseModel) -> Response:
     """`body` serialized once, by pydantic's compiled core: a route returning the model would have FastAPI
     validate it again and serialize it in Python, which costs more than the search on short queries."""
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def hit_records(hits: Hits, row: int) -> list[dict[str, Any]]:
+    """The hits of query `row`; a hybrid or BM25 search adds each side's score (None: not returned by it)."""
+    parts = [] if hits.lexical_scores is None else [("dense_score", hits.dense_scores), ("bm25_score", hits.lexical_scores)]
+    records = []
+    for column, key in enumerate(hits.ids[row]):
+        if key is not None:
+            record = {"id": key, "score": float(hits.scores[row, column]), "text": hits.texts[row, column]}
+            for name, values in parts:
+                value = float(values[row, column])
+                record[name] = None if math.isnan(value) else value
+            records.append(record)
+    return records
 
 
 def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -190,13 +206,10 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     async def search(request: SearchRequest) -> Response:
         """Top-k documents of each query, best first."""
         queries = request.query
-        hits = await service.search(queries, request.k)
-        results = [
-            {"query": query, "hits": [{"id": i, "score": s, "text": t}
-                                      for i, s, t in zip(ids, scores.tolist(), texts) if i is not None]}
-            for query, ids, scores, texts in zip(queries, hits.ids, hits.scores, hits.texts)
-        ]
-        return json_response(SearchResponse.model_validate({"results": results}))
+        hits = await service.search(queries, request.k, request.mode)  # BM25 on an index without it: a 400
+        results = [{"query": query, "hits": hit_records(hits, row)} for row, query in enumerate(queries)]
+        body = SearchResponse.model_validate({"results": results})
+        return Response(body.model_dump_json(exclude_unset=True), media_type="application/json")
 
     @app.post("/embed", response_model=EmbedResponse, responses=ERRORS)
     async def embed(request: EmbedRequest) -> Response:

@@ -29,6 +29,7 @@ class EncodeJob:
     texts: list[str]
     side: Side
     k: int | None = None
+    mode: str = "dense"
 
 
 class SearchService:
@@ -53,9 +54,10 @@ class SearchService:
         await asyncio.get_running_loop().run_in_executor(self.executor, self.store.close)
         self.executor.shutdown()
 
-    async def search(self, queries: list[str], k: int) -> Hits:
-        """Top-k hits of each query, as `SearchIndex.search` gives them (`[n_queries, k]` arrays)."""
-        return await self.batcher.submit(EncodeJob(queries, "query", k), len(queries))
+    async def search(self, queries: list[str], k: int, mode: str | None = None) -> Hits:
+        """Top-k hits of each query, as `SearchIndex.search` gives them in `mode` (`[n_queries, k]` arrays)."""
+        job = EncodeJob(queries, "query", k, self.index.search_mode(mode))
+        return await self.batcher.submit(job, len(queries))
 
     async def embed(self, texts: list[str], side: Side) -> np.ndarray:
         """Embeddings `[n, dim]` of `texts` with the index's query or document settings."""
@@ -97,20 +99,22 @@ class SearchService:
                 vectors = self.encode(texts, side, batch_size=len(texts))
                 for i, rows in zip(members, slices([len(jobs[i].texts) for i in members])):
                     results[i] = vectors[rows]
-        for k in {job.k for job in jobs if job.k is not None}:
-            members = [i for i, job in enumerate(jobs) if job.k == k]
-            hits = self.search_vectors(np.concatenate([results[i] for i in members]), k)
+        for k, mode in {(job.k, job.mode) for job in jobs if job.k is not None}:
+            members = [i for i, job in enumerate(jobs) if (job.k, job.mode) == (k, mode)]
+            texts = [text for i in members for text in jobs[i].texts]
+            hits = self.search_vectors(texts, np.concatenate([results[i] for i in members]), k, mode)
             for i, rows in zip(members, slices([len(jobs[i].texts) for i in members])):
-                results[i] = Hits(hits.ids[rows], hits.scores[rows], hits.texts[rows])
+                results[i] = Hits(*(None if part is None else part[rows] for part in hits))
         return results
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> Hits:
-        """`SearchIndex.search_vectors` with k clamped to the index's size (quietly: a server sees that often)."""
+    def search_vectors(self, queries: list[str], vectors: np.ndarray, k: int, mode: str = "dense") -> Hits:
+        """`SearchIndex.search_encoded` with k clamped to the index's size (quietly: a server sees that often)."""
         size = len(self.index.ids)
         if size == 0:
             empty = np.empty((len(vectors), 0))
-            return Hits(empty.astype(object), empty.astype(np.float32), empty.astype(object))
-        return self.index.search_vectors(vectors, min(k, size))
+            parts = (empty.astype(np.float32),) * 2 if mode != "dense" else (None, None)
+            return Hits(empty.astype(object), empty.astype(np.float32), empty.astype(object), *parts)
+        return self.index.search_encoded(queries, vectors, min(k, size), mode=mode)
 
 
 def slices(sizes: list[int]) -> list[slice]:
