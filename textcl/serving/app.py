@@ -3,7 +3,9 @@
 Every error is JSON `{"detail": "one line"}` with a 4xx status that says whose fault it is: 422 for a body
 that parses but breaks the schema (empty query, k out of range, wrong type), 400 for one that does not
 parse (not JSON, not UTF-8), 415 for a body not sent as JSON, 413 over the size limit, 401/403 for a
-missing/wrong API key on a write, 404 for an unknown id, 409 for a duplicate id. OpenAPI docs are at /docs.
+missing/wrong API key on a write, 404 for an unknown id, 409 for a duplicate id, 429 with Retry-After when
+the queue is full. Under /v1 (the OpenAI embeddings API, openai_api.py) errors take OpenAI's shape instead.
+OpenAPI docs are at /docs; Prometheus metrics at /metrics (metrics.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the routes defined inside
@@ -29,6 +31,8 @@ except ModuleNotFoundError as missing:
     raise TextclError(f"textcl serve needs {missing.name}: pip install \"textcl[serve]\"") from missing
 
 from textcl import __version__
+from textcl.serving.metrics import RequestObserver, ServerMetrics, access_logger
+from textcl.serving.openai_api import is_openai, openai_error, openai_router
 from textcl.serving.schemas import (
     AddResponse,
     DeleteResponse,
@@ -40,12 +44,12 @@ from textcl.serving.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from textcl.serving.service import SearchService
+from textcl.serving.service import SearchService, ServerBusyError
 from textcl.serving.store import DuplicateIdError, NotRemovableError, UnknownIdError
 
 PAGE = files("textcl.serving").joinpath("page.html").read_text(encoding="utf-8")
 STATUS_OF = {DuplicateIdError: 409, NotRemovableError: 409, UnknownIdError: 404}
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 413, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 413, 415, 422, 429)}
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{code: {"model": Error} for code in (401, 403)}}
 
 
@@ -62,7 +66,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self.too_large()(scope, receive, send)
+            return await self.too_large(scope["path"])(scope, receive, send)
         received = 0
 
         async def limited() -> Message:  # a body sent in chunks, without Content-Length
@@ -75,8 +79,8 @@ class BodyLimit:
 
         await self.app(scope, limited, send)
 
-    def too_large(self) -> JSONResponse:
-        return error(413, f"the request body is larger than {self.max_bytes} bytes")
+    def too_large(self, path: str) -> JSONResponse:
+        return error(413, f"the request body is larger than {self.max_bytes} bytes", path=path)
 
 
 def json_response(body: BaseModel) -> Response:
@@ -85,7 +89,10 @@ def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """`{"detail": detail}`, or OpenAI's error shape under /v1."""
+    if is_openai(path):
+        return openai_error(status, detail, headers)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
@@ -102,8 +109,10 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def create_app(service: SearchService, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The FastAPI app over `service`; writes need `Authorization: Bearer <api_key>` when a key is given."""
+def create_app(service: SearchService, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               log_format: str = "text") -> FastAPI:
+    """The FastAPI app over `service`; writes need `Authorization: Bearer <api_key>` when a key is given;
+    `log_format` "json" writes an access line per request on stderr."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,6 +126,12 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
         "server was started with --api-key-env.",
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    metrics = ServerMetrics()
+    metrics.watch(service)
+    service.batcher.on_batch = metrics.batch_texts.observe
+    app.add_middleware(RequestObserver, metrics=metrics, logger=access_logger(log_format))  # outermost: sees 413s
+    app.include_router(openai_router(service))
+    app.include_router(metrics.router())
     bearer = HTTPBearer(auto_error=False, description="the key in the variable named by --api-key-env")
 
     def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -131,9 +146,10 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.method in ("POST", "PUT") and "json" not in request.headers.get("content-type", ""):
-            return error(415, "send the body as JSON, with the header Content-Type: application/json")
+            return error(415, "send the body as JSON, with the header Content-Type: application/json",
+                         path=request.url.path)
         invalid_json = any(item.get("type") == "json_invalid" for item in exc.errors())
-        return error(400 if invalid_json else 422, describe_validation(exc))
+        return error(400 if invalid_json else 422, describe_validation(exc), path=request.url.path)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -142,11 +158,15 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
             detail = f"the request body is larger than {max_body_bytes} bytes"
         elif isinstance(exc.__cause__, UnicodeDecodeError):
             detail = f"the request body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
-        return error(exc.status_code, detail, exc.headers)
+        return error(exc.status_code, detail, exc.headers, request.url.path)
 
     @app.exception_handler(TextclError)
     async def on_textcl_error(request: Request, exc: TextclError) -> JSONResponse:
-        return error(STATUS_OF.get(type(exc), 400), str(exc))
+        return error(STATUS_OF.get(type(exc), 400), str(exc), path=request.url.path)
+
+    @app.exception_handler(ServerBusyError)
+    async def on_busy(request: Request, exc: ServerBusyError) -> JSONResponse:
+        return error(429, str(exc), {"Retry-After": str(exc.retry_after)}, request.url.path)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
