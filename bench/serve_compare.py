@@ -5,7 +5,7 @@
     python bench/serve_compare.py --repeats 1 --cell_seconds 3 --sides textcl-torch,infinity-torch   # a smoke run
 
 Both servers load the same model folder, all-MiniLM-L6-v2 from the offline package (fp32, CPU; textcl's copy
-holds its exported ONNX graph; infinity gets a copy of that folder so its ONNX optimiser writes nowhere else), and
+holds its exported ONNX graph; infinity gets a copy of that folder, the same graph at its top), and
 are started one at a time, each with its defaults:
 
 - textcl-torch / textcl-onnx: `textcl serve INDEX --backend torch|onnx` (micro-batching on), POST /v1/embeddings;
@@ -59,15 +59,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def infinity_copy(model: Path, folder: Path) -> Path:
+    """A copy of the model folder for infinity, its ONNX graph at the top: infinity 0.0.78 hands optimum the graph's
+    path as it globbed it, and optimum matches that against bare file names, so only `model.onnx` found from
+    inside the folder (`--model-id .`) loads."""
+    if not folder.exists():
+        shutil.copytree(model, folder, ignore=shutil.ignore_patterns("onnx"))
+        shutil.copy2(model / "onnx" / "model.onnx", folder / "model.onnx")
+    return folder
+
+
 def start_infinity(venv: Path, model: Path, engine: str, timeout: float) -> tuple[subprocess.Popen, int]:
-    """infinity on 127.0.0.1 (its default host is 0.0.0.0), offline, telemetry off; returns once /health answers."""
+    """infinity on 127.0.0.1 (its default host is 0.0.0.0), offline, telemetry off, its caches beside the model;
+    returns once /health answers."""
     port = free_port()
-    command = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model), "--served-model-name", MODEL_NAME,
+    command = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", ".", "--served-model-name", MODEL_NAME,
                "--engine", engine, "--device", "cpu", "--host", HOST, "--port", str(port), "--log-level", "warning",
                "--onnx-do-not-prefer-quantized"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
+           "HF_HUB_CACHE": str(model.parent / "infinity-cache")}
     env.pop("PYTHONPATH", None)  # infinity's venv only
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=model)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and server.poll() is None:
         try:
@@ -230,9 +243,7 @@ def main() -> None:
     work = Path(args.work_dir)
     index = work / f"index-{args.docs}-exported"
     build_index(index, args.docs, work / MODEL_NAME)
-    infinity_model = work / "minilm-infinity"
-    if not infinity_model.exists():
-        shutil.copytree(work / MODEL_NAME, infinity_model)
+    infinity_model = infinity_copy(work / MODEL_NAME, work / "minilm-infinity")
     with (SHARED / "scifact" / "queries.jsonl").open(encoding="utf-8") as handle:
         queries = [json.loads(line)["text"] for line in handle]
     texts = {"queries": queries, "docs": documents_of_256_tokens(400)}

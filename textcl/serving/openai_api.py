@@ -23,6 +23,7 @@ bytes in base64. Errors have OpenAI's shape, `{"error": {"message", "type", "par
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from textcl.serving.service import SearchService
 
 PREFIX = "/v1"
 MAX_INPUTS = 2048
+INLINE_CHARACTERS = 20_000  # inputs up to this size are counted on the event loop (~1 ms), longer ones in a thread
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                429: "rate_limit_error"}
 
@@ -179,7 +181,11 @@ def openai_router(service: SearchService) -> APIRouter:
                                 f"got {request.dimensions}")
         meta = service.index.meta
         max_length = meta["query_max_length" if request.input_type == "query" else "max_seq_length"]
-        tokens, truncated = count_tokens(service.index.require_encoder().tokenizer, request.input, max_length)
+        counting = (service.index.require_encoder().tokenizer, request.input, max_length)
+        if sum(len(text) for text in request.input) > INLINE_CHARACTERS:  # keep the event loop free
+            tokens, truncated = await asyncio.to_thread(count_tokens, *counting)
+        else:
+            tokens, truncated = count_tokens(*counting)
         vectors = shorten(await service.embed(request.input, request.input_type), request.dimensions)
         data = [{"object": "embedding", "index": i, "embedding": row}
                 for i, row in enumerate(encoded(vectors, request.encoding_format))]
