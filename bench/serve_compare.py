@@ -10,7 +10,9 @@ are started one at a time, each with its defaults:
 
 - textcl-torch / textcl-onnx: `textcl serve INDEX --backend torch|onnx` (micro-batching on), POST /v1/embeddings;
 - infinity-torch / infinity-onnx: `infinity_emb v2 --engine torch|optimum --device cpu`, POST /embeddings
-  (`--onnx-do-not-prefer-quantized`: fp32 on both sides).
+  (`--onnx-do-not-prefer-quantized`: fp32 on both sides; `--pooling-method mean`, the model's pooling, which the
+  optimum engine does not read from the folder). infinity's optimum engine truncates at the model's position
+  limit (512), not its max_seq_length (256): the documents here are 256 tokens, so both encode the same tokens.
 
 Both answer the OpenAI embeddings format, so the requests and answers are the same bytes on the wire. Every
 workload sends, from --clients threads (one keep-alive connection each, 127.0.0.1 only): `query1` one SciFact
@@ -75,7 +77,10 @@ def start_infinity(venv: Path, model: Path, engine: str, timeout: float) -> tupl
     port = free_port()
     command = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", ".", "--served-model-name", MODEL_NAME,
                "--engine", engine, "--device", "cpu", "--host", HOST, "--port", str(port), "--log-level", "warning",
-               "--onnx-do-not-prefer-quantized"]
+               "--onnx-do-not-prefer-quantized",
+               # the model's pooling (1_Pooling/config.json); infinity's optimum engine otherwise takes the CLS
+               # token ("auto" is not "mean" there), and its vectors miss the model's (cosine 0.3)
+               "--pooling-method", "mean"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
            "HF_HUB_CACHE": str(model.parent / "infinity-cache")}
     env.pop("PYTHONPATH", None)  # infinity's venv only
