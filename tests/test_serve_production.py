@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,6 +57,15 @@ def serving(folder: Path, max_queued_texts: int = 4096, max_body_bytes: int = 1 
         thread.join(30)
         sock.close()
         assert not thread.is_alive(), "the server did not stop"
+
+
+def hold_forwards(service: SearchService, gate: threading.Event) -> Any:
+    """Every encoder forward waits until `gate` is set; returns the hook's handle."""
+
+    def hold(*_: Any) -> None:  # a hook that returns None leaves the forward's output as it is
+        gate.wait(30)
+
+    return service.index.require_encoder().model.register_forward_hook(hold)
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +164,11 @@ def test_a_200_mb_body_or_100_000_texts_is_refused_at_once(served: str) -> None:
 
 def test_a_full_queue_answers_429_with_retry_after_and_the_queued_requests_finish(
         index_dir: Path, model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
-    """With room for 3 queued texts: one request runs (a slow forward), three wait, the fifth gets 429 with
-    Retry-After; the waiting three then get their answers."""
+    """With room for 3 queued texts: one request runs (its forward held until the end), three wait, the fifth
+    gets 429 with Retry-After; the waiting three then get their answers."""
     with serving(fresh_copy(index_dir, tmp_path), max_queued_texts=3) as (url, service, _):
-        slow = service.index.require_encoder().model.register_forward_hook(lambda *_: time.sleep(1.0))
+        gate = threading.Event()
+        held = hold_forwards(service, gate)
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(call, f"{url}/search", "POST", {"query": "first"})
             while service.batcher.batches == 0 and not running.done():  # the first batch is on the model thread
@@ -172,8 +183,9 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_queued_requests_finis
             assert int(headers["retry-after"]) >= 1
             status, answer, headers = call(f"{url}/v1/embeddings", "POST", {"model": model_dir.name, "input": "q"})
             assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded" and "retry-after" in headers
+            gate.set()
             assert running.result(30)[0] == 200 and [job.result(30)[0] for job in waiting] == [200] * 3
-        slow.remove()
+        held.remove()
 
 
 # --- /metrics ---------------------------------------------------------------------------------------------------
@@ -201,14 +213,18 @@ def test_metrics_parse_with_prometheus_clients_parser(served: str) -> None:
 
 def test_a_request_in_flight_when_the_server_is_told_to_stop_gets_its_answer(index_dir: Path,  # noqa: F811
                                                                              tmp_path: Path) -> None:
-    """uvicorn's SIGTERM handler sets `should_exit`; a search whose forward takes 1 s still gets its 200."""
+    """uvicorn's SIGTERM handler sets `should_exit`; a search whose forward is still running then gets its 200."""
     with serving(fresh_copy(index_dir, tmp_path)) as (url, service, server):
-        service.index.require_encoder().model.register_forward_hook(lambda *_: time.sleep(1.0))
+        gate = threading.Event()
+        hold_forwards(service, gate)
         with ThreadPoolExecutor(1) as pool:
             searching = pool.submit(call, f"{url}/search", "POST", {"query": "in flight"})
             while service.batcher.batches == 0 and not searching.done():
                 time.sleep(0.01)
             server.should_exit = True
+            time.sleep(0.5)
+            assert not searching.done(), "the request is still in flight"
+            gate.set()
             status, answer, _ = searching.result(30)
             assert status == 200 and answer["results"][0]["query"] == "in flight"
 
