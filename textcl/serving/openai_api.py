@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -133,10 +134,25 @@ def model_id(recorded: str) -> str:
     return path.name if path.is_absolute() or path.exists() else recorded
 
 
-def count_tokens(tokenizer: Any, texts: list[str], max_length: int) -> tuple[int, int]:
-    """(tokens encoded, texts truncated) of `texts` at `max_length` tokens (special tokens included)."""
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"]]
-    return sum(min(length, max_length) for length in lengths), sum(length > max_length for length in lengths)
+class TokenCounter:
+    """Counts tokens with a private copy of the model's tokenizer, its truncation and padding off for good: the
+    model thread sets them on its own tokenizer for every forward, and a fast tokenizer whose settings change
+    while another thread encodes with it raises "Already borrowed" (or encodes at the other's length)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.backend = getattr(self.tokenizer, "backend_tokenizer", None)  # None for a slow (Python) tokenizer
+        if self.backend is not None:
+            self.backend.no_truncation()
+            self.backend.no_padding()
+
+    def __call__(self, texts: list[str], max_length: int) -> tuple[int, int]:
+        """(tokens encoded, texts truncated) of `texts` at `max_length` tokens (special tokens included)."""
+        if self.backend is not None:
+            lengths = [len(encoding.ids) for encoding in self.backend.encode_batch(texts)]
+        else:
+            lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False)["input_ids"]]
+        return sum(min(length, max_length) for length in lengths), sum(length > max_length for length in lengths)
 
 
 def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
@@ -160,6 +176,7 @@ def openai_router(service: SearchService) -> APIRouter:
     recorded = str(service.index.meta["model"])
     served = model_id(recorded)
     started = int(time.time())
+    count_tokens = TokenCounter(service.index.require_encoder().tokenizer)
 
     @router.get("/models", response_model=ModelList)
     async def models() -> Response:
@@ -181,11 +198,10 @@ def openai_router(service: SearchService) -> APIRouter:
                                 f"got {request.dimensions}")
         meta = service.index.meta
         max_length = meta["query_max_length" if request.input_type == "query" else "max_seq_length"]
-        counting = (service.index.require_encoder().tokenizer, request.input, max_length)
         if sum(len(text) for text in request.input) > INLINE_CHARACTERS:  # keep the event loop free
-            tokens, truncated = await asyncio.to_thread(count_tokens, *counting)
+            tokens, truncated = await asyncio.to_thread(count_tokens, request.input, max_length)
         else:
-            tokens, truncated = count_tokens(*counting)
+            tokens, truncated = count_tokens(request.input, max_length)
         vectors = shorten(await service.embed(request.input, request.input_type), request.dimensions)
         data = [{"object": "embedding", "index": i, "embedding": row}
                 for i, row in enumerate(encoded(vectors, request.encoding_format))]
