@@ -28,7 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-env", "--api_key_env", dest="api_key_env", default=None, metavar="VAR",
                         help="writes (POST/DELETE /documents) need `Authorization: Bearer $VAR`; reads never do")
     parser.add_argument("--max_batch_size", type=int, default=defaults["max_batch_size"],
-                        help="queries per encoder forward at most; 1 turns micro-batching off")
+                        help="texts per micro-batch at most (on a CPU encoded in length-sorted forwards of "
+                        "at most 16); 1 turns micro-batching off")
     parser.add_argument("--batch_wait_ms", type=float, default=defaults["batch_wait_ms"],
                         help="how long a batch's first query waits for others")
     parser.add_argument("--max_body_bytes", type=int, default=defaults["max_body_bytes"],

@@ -34,7 +34,7 @@ class ServeSettings:
 
     host: str = "127.0.0.1"  # loopback: only this machine can connect
     port: int = 8000  # 0: any free port (printed at start)
-    max_batch_size: int = 64  # texts per encoder forward at most; 1 turns micro-batching off
+    max_batch_size: int = 64  # texts per micro-batch at most (CPU: in forwards of 16); 1 turns batching off
     batch_wait_ms: float = 2.0  # how long a batch's first query waits for company
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     snapshot_every: int = 1000  # writes between snapshots of the whole index (the log holds them meanwhile)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 
 from textcl.model.encoder import ENCODE_BATCH_SIZE
 from textcl.retrieval.search_index import Hits, SearchIndex
@@ -22,6 +23,11 @@ from textcl.serving.batcher import MicroBatcher
 from textcl.serving.store import DurableIndex
 
 Side = Literal["query", "document"]
+# On a CPU a batch is encoded in length-sorted forwards of at most this many texts: there batching gains nothing
+# past ~8-16 texts a forward (bench/RESULTS.md, issue 14: 6.40 ms a query in forwards of 8, 6.32 in 16), while one
+# forward of 64 pads every text to the longest of 64 (a SciFact claim averages 22 tokens, the longest of 64
+# twice that). On a GPU the whole batch is one forward.
+CPU_FORWARD_TEXTS = 16
 
 
 @dataclass
@@ -42,8 +48,8 @@ class ServerBusyError(Exception):
 
 
 class SearchService:
-    """A `DurableIndex` served by one model thread; `max_batch_size` texts per forward at most (1: batching
-    off), the first query of a batch waiting up to `batch_wait_ms` for others. At most `max_queued_texts`
+    """A `DurableIndex` served by one model thread; `max_batch_size` texts per batch at most (1: batching
+    off; on a CPU a batch runs in forwards of at most CPU_FORWARD_TEXTS), the first query of a batch waiting up to `batch_wait_ms` for others. At most `max_queued_texts`
     texts (queries, texts to embed, documents to add) wait for the model thread: a request that would queue
     more gets `ServerBusyError`, unless nothing waits (so one large request is never refused forever).
     `on_batch(texts)` (optional) hears of every batch."""
@@ -54,6 +60,8 @@ class SearchService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textcl-model")
         self.batcher = MicroBatcher(self.run_batch, self.executor, max_batch_size, batch_wait_ms / 1000, on_batch)
         self.max_queued_texts = max_queued_texts
+        device = getattr(store.index.require_encoder(), "device", "cpu")  # an ONNX encoder runs on the CPU
+        self.forward_texts = CPU_FORWARD_TEXTS if torch.device(device).type == "cpu" else None
         self.queued_writes = 0  # documents in add requests not yet applied
 
     @property
@@ -123,11 +131,12 @@ class SearchService:
         return SearchIndex.encode_docs(self.index.require_encoder(), self.index.meta, texts, batch_size, None, False)
 
     def run_batch(self, jobs: list[EncodeJob]) -> list[np.ndarray | Hits]:
-        """One forward per side for all the jobs' texts (a job larger than a batch in forwards of at most
-        max(max_batch_size, ENCODE_BATCH_SIZE) texts, so memory stays bounded), then one faiss search per distinct
-        k; one result per job (vectors `[n_texts, dim]`, or the `Hits` of its queries)."""
+        """The jobs' texts of each side encoded together, in length-sorted forwards of at most `forward_texts` (on
+        a GPU the whole batch, but never more than max(max_batch_size, ENCODE_BATCH_SIZE) texts, so memory stays
+        bounded for a large job), then one faiss search per distinct k; one result per job (vectors
+        `[n_texts, dim]`, or the `Hits` of its queries)."""
         results: list[np.ndarray | Hits] = [np.empty(0)] * len(jobs)
-        forward = max(self.batcher.max_batch_size, ENCODE_BATCH_SIZE)
+        forward = self.forward_texts or max(self.batcher.max_batch_size, ENCODE_BATCH_SIZE)
         for side in ("query", "document"):
             members = [i for i, job in enumerate(jobs) if job.side == side]
             if members:
