@@ -27,7 +27,6 @@ import asyncio
 import base64
 import copy
 import time
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -128,12 +127,6 @@ def openai_error(status: int, message: str, headers: dict[str, str] | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def model_id(recorded: str) -> str:
-    """The name a model is served under: a local folder's name, or the Hub id as recorded."""
-    path = Path(recorded)
-    return path.name if path.is_absolute() or path.exists() else recorded
-
-
 class TokenCounter:
     """Counts tokens with a private copy of the model's tokenizer, its truncation and padding off for good: the
     model thread sets them on its own tokenizer for every forward, and a fast tokenizer whose settings change
@@ -170,11 +163,10 @@ def encoded(vectors: np.ndarray, encoding_format: str) -> list[Any]:
     return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
 
 
-def openai_router(service: SearchService) -> APIRouter:
-    """The routes above over `service`'s index and encoder."""
+def openai_router(service: SearchService, served: str) -> APIRouter:
+    """The routes above over `service`'s index and encoder, its model named `served` (as /health names it)."""
     router = APIRouter(prefix=PREFIX, tags=["OpenAI"])
     recorded = str(service.index.meta["model"])
-    served = model_id(recorded)
     started = int(time.time())
     count_tokens = TokenCounter(service.index.require_encoder().tokenizer)
 
