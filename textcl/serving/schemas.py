@@ -124,7 +124,7 @@ class Health(BaseModel):
     documents: int
     index_type: str = Field(description="the faiss index factory string, e.g. Flat or IVF1024,Flat")
     metric: str
-    max_batch_size: int = Field(description="queries per encoder forward at most (1: batching off)")
+    max_batch_size: int = Field(description="texts per micro-batch at most (1: batching off)")
     mean_batch_size: float = Field(description="texts per encoder forward so far")
     writes_need_key: bool
 
