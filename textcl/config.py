@@ -106,6 +106,17 @@ class DataArguments:
                              "replace each row's hard negatives (as `textcl mine` chooses them: its settings from the "
                              "mined file's sidecar, or its defaults for a BEIR folder; num_negatives wins); 0: off."}
     )
+    mining_rounds: int = field(
+        default=0, metadata={"help": "Rounds of mine -> train in one run (0: off): round 1 mines hard negatives for "
+                             "train_data (a BEIR folder or pairs table) with the base model and trains on them; each "
+                             "later round mines with the previous round's model and trains again from the base model. "
+                             "output_dir holds round-N-negatives/, round-N-model/ and rounds.json; resumable."}
+    )
+    mining_options: list[str] = field(
+        default_factory=list, metadata={"help": "`textcl mine` settings for mining_rounds as key=value, e.g. "
+                                        "num_negatives=3 min_negatives=0 query_max_length=64; roundN.key=value "
+                                        "for round N only (round2.num_negatives=3)."}
+    )
 
 
 @dataclass
@@ -326,7 +337,25 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
     check_distillation(config.loss)
     check_remining(config)
+    check_mining_rounds(config)
     return config
+
+
+def check_mining_rounds(config: TrainConfig) -> None:
+    """mining_rounds mines one map-style train_data source; mining_options only with it."""
+    data = config.data
+    if data.mining_rounds < 0:
+        raise TextclError("mining_rounds must be >= 0 (0: off)")
+    if not data.mining_rounds:
+        if data.mining_options:
+            raise TextclError("mining_options set how mining_rounds mine; set mining_rounds too, or drop them")
+        return
+    if data.streaming or len(data.train_data) != 1:
+        raise TextclError("mining_rounds mines one train_data source (a BEIR folder or a pairs table), not streamed: "
+                          "set streaming: false and one train_data")
+    for option in data.mining_options:
+        if "=" not in option:
+            raise TextclError(f"mining_options {option!r}: write each as key=value, e.g. num_negatives=3")
 
 
 def check_remining(config: TrainConfig) -> None:

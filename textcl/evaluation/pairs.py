@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from textcl.errors import TextclError
-from textcl.evaluation.retrieval import rank_and_measure
+from textcl.evaluation.retrieval import dense_run
+from textcl.evaluation.retrieval_metrics import retrieval_metrics
+from textcl.io.beir import BeirData
 from textcl.model.encoder import Encoder
-from textcl.retrieval.corpus_embeddings import default_prompt_name
 
 
 def evaluate_pairs(
@@ -27,7 +28,8 @@ def evaluate_pairs(
     **options: Any,
 ) -> dict[str, float | int]:
     """nDCG, MRR, Recall, MAP and Precision at every k of finding each anchor's positive among all positives and
-    negatives, plus "n_queries", "n_skipped_queries" and "n_docs"; `options` go to `rank_and_measure`.
+    negatives, plus "n_queries", "n_skipped_queries" and "n_docs"; `options` go to `dense_run` (prompts default
+    to the model's "query" / "document" prompts).
     `negatives`: per row, its hard negatives (may be empty)."""
     if not anchors or len(anchors) != len(positives):
         raise TextclError("pair evaluation needs as many positives as anchors, and at least one pair")
@@ -39,7 +41,7 @@ def evaluate_pairs(
     for anchor, positive in zip(anchors, positives):
         query_id = query_ids.setdefault(anchor, f"q{len(query_ids)}")
         qrels.setdefault(query_id, {})[doc_ids[positive]] = 1
-    queries = {query_id: anchor for anchor, query_id in query_ids.items()}
-    options.setdefault("query_prompt_name", default_prompt_name(encoder, None, "query"))
-    options.setdefault("document_prompt_name", default_prompt_name(encoder, None, "document"))
-    return rank_and_measure(encoder, queries, {i: text for text, i in doc_ids.items()}, qrels, k_values, **options)
+    data = BeirData(corpus={i: ("", text) for text, i in doc_ids.items()},
+                    queries={query_id: anchor for anchor, query_id in query_ids.items()}, qrels=qrels)
+    run = dense_run(encoder, data, max(k_values), **options)
+    return retrieval_metrics(qrels, run, k_values) | {"n_docs": len(doc_ids)}

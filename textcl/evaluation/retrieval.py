@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from textcl.evaluation.retrieval_metrics import retrieval_metrics
-from textcl.io.beir import doc_text, load_beir
+from textcl.io.beir import BeirData, doc_text, load_beir
 from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
 from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus
 from textcl.retrieval.exact_search import exact_search
@@ -47,50 +46,64 @@ def evaluate_retrieval(
     """
     check_quantization(quantize, rescore, encoder.dim)
     data = load_beir(beir_dir, split, allow_missing=allow_missing)
-    return rank_and_measure(
-        encoder, {query_id: data.queries[query_id] for query_id in data.qrels},
-        {doc_id: doc_text(*data.corpus[doc_id]) for doc_id in data.corpus}, data.qrels, k_values,
-        query_prompt_name=default_prompt_name(encoder, query_prompt_name, "query"),
-        document_prompt_name=default_prompt_name(encoder, document_prompt_name, "document"),
-        query_max_length=query_max_length, document_max_length=document_max_length, quantize=quantize,
-        rescore=rescore, batch_size=batch_size, precision=precision, cache_dir=cache_dir,
-        show_progress_bar=show_progress_bar,
+    run = dense_run(
+        encoder, data, max(k_values), query_prompt_name=query_prompt_name, document_prompt_name=document_prompt_name,
+        query_max_length=query_max_length, document_max_length=document_max_length, batch_size=batch_size,
+        precision=precision, cache_dir=cache_dir, show_progress_bar=show_progress_bar, quantize=quantize,
+        rescore=rescore,
     )
+    return retrieval_metrics(data.qrels, run, k_values) | {"n_docs": len(data.corpus)}
 
 
-def rank_and_measure(
+def judged_queries(data: BeirData) -> list[str]:
+    """The queries of a split with at least one relevant document, in qrels order."""
+    return [query_id for query_id, relevance in data.qrels.items() if max(relevance.values()) >= 1]
+
+
+def dense_run(
     encoder: Encoder,
-    queries: dict[str, str],
-    corpus: dict[str, str],
-    qrels: dict[str, dict[str, int]],
-    k_values: Sequence[int] = K_VALUES,
-    *,
+    data: BeirData,
+    depth: int,
     query_prompt_name: str | None = None,
     document_prompt_name: str | None = None,
     query_max_length: int | None = None,
     document_max_length: int | None = None,
+    batch_size: int = ENCODE_BATCH_SIZE,
+    precision: str = "fp32",
+    cache_dir: str | Path | None = None,
+    show_progress_bar: bool = False,
     quantize: str | None = None,
     rescore: int = 0,
-    **options: Any,
-) -> dict[str, float | int]:
-    """Encode the `queries` that have a relevant document in `qrels` and the `corpus` (id -> text), search
-    exactly (or a quantized index), and measure the ranking; `options` go to `encode_corpus`."""
-    doc_ids = list(corpus)
-    query_ids = [query_id for query_id, relevance in qrels.items() if max(relevance.values()) >= 1]
-    queries_embedded = encode_corpus(encoder, [queries[query_id] for query_id in query_ids],
-                                     prompt_name=query_prompt_name, max_seq_length=query_max_length, **options)
-    docs = encode_corpus(encoder, [corpus[doc_id] for doc_id in doc_ids], prompt_name=document_prompt_name,
-                         max_seq_length=document_max_length, **options)
-    depth = max(k_values)
+) -> dict[str, dict[str, float]]:
+    """query id -> {doc id: score} of the top `depth` documents of each judged query of `data` (exact search,
+    or a quantized index with `quantize`); the options are `evaluate_retrieval`'s."""
+    doc_ids = list(data.corpus)
+    query_ids = judged_queries(data)
+    options = {"batch_size": batch_size, "precision": precision, "cache_dir": cache_dir,
+               "show_progress_bar": show_progress_bar}
+    queries = encode_corpus(
+        encoder,
+        [data.queries[query_id] for query_id in query_ids],
+        prompt_name=default_prompt_name(encoder, query_prompt_name, "query"),
+        max_seq_length=query_max_length,
+        **options,
+    )
+    docs = encode_corpus(
+        encoder,
+        [doc_text(*data.corpus[doc_id]) for doc_id in doc_ids],
+        prompt_name=default_prompt_name(encoder, document_prompt_name, "document"),
+        max_seq_length=document_max_length,
+        **options,
+    )
     if depth > len(doc_ids):
         logger.warning("k=%d is larger than the corpus (%d documents); ranking all of them", depth, len(doc_ids))
     run = {}
     if query_ids:
         if quantize:
             index = build_quantized_index([docs], quantize)
-            scores, indices = quantized_search(index, quantize, queries_embedded, depth, rescore, docs)
+            scores, indices = quantized_search(index, quantize, queries, depth, rescore, docs)
         else:
-            scores, indices = exact_search(queries_embedded, docs, depth)
+            scores, indices = exact_search(queries, docs, depth)
         for query_id, row_scores, row_indices in zip(query_ids, scores.tolist(), indices.tolist()):
             run[query_id] = {doc_ids[i]: score for score, i in zip(row_scores, row_indices) if i >= 0}
-    return retrieval_metrics(qrels, run, k_values) | {"n_docs": len(doc_ids)}
+    return run

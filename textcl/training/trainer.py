@@ -439,6 +439,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     The first process holds output_dir's write lock for the whole run, so a second run into the same folder is
     refused instead of mixing checkpoints with this one.
     """
+    if config.data.mining_rounds:  # the rounds driver calls this once a round, with mining_rounds 0
+        raise TextclError("mining_rounds runs through textcl.train (textcl.training.rounds), not the trainer alone")
     check_local_sources(data_sources(config.data))  # a missing file is one line before the model loads
     output_dir = Path(config.training.output_dir)
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
