@@ -47,9 +47,10 @@ TRAIN = {
     "train_decoder": {"batch": 64, "max_length": 64, "query_length": 64, "negatives": 0, "chunk": None,
                       "bf16": True, "steps": 12, "warmup": 4},
 }
-DRY_TRAIN = {"batch": 8, "steps": 4, "warmup": 2}
-ENCODE = {"short": 16384, "docs": 4096}  # texts per measurement (dry run: 64)
+DRY_TRAIN = {"batch": 4, "steps": 3, "warmup": 1}
+ENCODE = {"short": 16384, "docs": 4096}  # texts per measurement (dry run: DRY_TEXTS)
 ENCODE_BATCH = 256
+DRY_TEXTS = 16  # texts per encoding measurement in the dry run
 
 
 def main() -> None:
@@ -85,7 +86,7 @@ def env(args: argparse.Namespace) -> None:
 
     names = ["torch", "transformers", "tokenizers", "accelerate", "sentence-transformers", "peft", "safetensors",
              "huggingface-hub", "numpy", "scipy", "pyarrow", "fsspec", "onnx", "onnxruntime", "onnxruntime-gpu",
-             "textcl", *CARRIED]
+             "deepspeed", "textcl", *CARRIED]
     versions = {}
     for name in names:
         try:
@@ -175,7 +176,7 @@ def models(args: argparse.Namespace) -> None:
 def train_mode(step: str, dry_run: bool) -> dict[str, Any]:
     mode = dict(TRAIN[step])
     if dry_run:
-        mode |= DRY_TRAIN | ({"chunk": 4} if mode["chunk"] else {})
+        mode |= DRY_TRAIN | ({"chunk": 2} if mode["chunk"] else {})
     return mode
 
 
@@ -287,6 +288,10 @@ def side_result(step: str, side: str, args: argparse.Namespace) -> dict[str, Any
     return json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
 
 
+def sized(args: argparse.Namespace, count: int) -> int:
+    return DRY_TEXTS if args.dry_run else count
+
+
 def encode(args: argparse.Namespace) -> None:
     """Texts/s at batch 256 of textcl `Encoder.encode` vs `SentenceTransformer.encode`, short sentences and
     256-token documents, bf16 and fp32. bf16 is each library's own way: textcl's `precision="bf16"` (autocast)
@@ -299,21 +304,21 @@ def encode(args: argparse.Namespace) -> None:
 
     from textcl import Encoder
 
-    count = {name: 64 if args.dry_run else n for name, n in ENCODE.items()}
+    count = {name: sized(args, n) for name, n in ENCODE.items()}
     data = {"short": short_sentences(count["short"], seed=11), "docs": documents(count["docs"], seed=12)}
     for shape in ("minilm", "bert-base"):
         folder = str(model_dir(args.work, shape))
         ours, peer = Encoder.load(folder), SentenceTransformer(folder)
-        assert np.allclose(ours.encode(data["short"][:64]), peer.encode(data["short"][:64]), atol=1e-4), shape
+        assert np.allclose(ours.encode(data["short"][:16]), peer.encode(data["short"][:16]), atol=1e-4), shape
         peer_bf16 = SentenceTransformer(folder).bfloat16()
         for kind, texts in data.items():
             for precision in ("bf16", "fp32"):
                 other = peer_bf16 if precision == "bf16" else peer
                 runs = {"textcl": lambda: ours.encode(texts, batch_size=ENCODE_BATCH, precision=precision),
                         "peer": lambda: other.encode(texts, batch_size=ENCODE_BATCH)}
-                warm = texts[:ENCODE_BATCH * 2]  # warm-up: kernels, allocator, autotuning
-                ours.encode(warm, batch_size=ENCODE_BATCH, precision=precision)
-                other.encode(warm, batch_size=ENCODE_BATCH)
+                if not args.dry_run:  # warm-up: kernels, allocator, autotuning
+                    ours.encode(texts[:ENCODE_BATCH * 2], batch_size=ENCODE_BATCH, precision=precision)
+                    other.encode(texts[:ENCODE_BATCH * 2], batch_size=ENCODE_BATCH)
                 rates = best_rates(runs, len(texts), repeats=1 if args.dry_run else 2)
                 record(args.report, "encode", {f"{shape}.{kind}.{precision}": {
                     "textcl": round(rates["textcl"], 1), "peer": round(rates["peer"], 1),
@@ -343,8 +348,8 @@ def onnx(args: argparse.Namespace) -> None:
     device = "cuda" if cuda else "cpu"
     ours, torch_side = Encoder.load(folder, backend="onnx", device=device), Encoder.load(folder, device=device)
     figures = {}
-    for kind, texts in (("short", short_sentences(64 if args.dry_run else ENCODE["short"], seed=11)),
-                        ("docs", documents(64 if args.dry_run else ENCODE["docs"], seed=12))):
+    for kind, texts in (("short", short_sentences(sized(args, ENCODE["short"]), seed=11)),
+                        ("docs", documents(sized(args, ENCODE["docs"]), seed=12))):
         runs = {"onnx": lambda: ours.encode(texts, batch_size=ENCODE_BATCH),
                 "torch": lambda: torch_side.encode(texts, batch_size=ENCODE_BATCH)}
         rates = best_rates(runs, len(texts), repeats=1 if args.dry_run else 2)
@@ -360,11 +365,11 @@ def recipe(args: argparse.Namespace) -> None:
 
     from textcl.cli import main as cli
 
-    sizes = {"documents_count": 200, "queries_count": 100, "train_pairs": 64, "test_pairs": 20} if args.dry_run else {}
+    sizes = {"documents_count": 60, "queries_count": 40, "train_pairs": 16, "test_pairs": 8} if args.dry_run else {}
     beir, model = write_beir(args.work / "scifact-shaped", **sizes), str(model_dir(args.work, "minilm"))
     out, mined = args.work / "recipe-out", args.work / "scifact-mined.jsonl"
     settings = {"max_steps": 2 if args.dry_run else 30, "forward_chunk_size": 0, "logging_steps": 1,
-                "per_device_train_batch_size": 8 if args.dry_run else 32}
+                "per_device_train_batch_size": 4 if args.dry_run else 32}
     started = time.perf_counter()
     mine = ["mine", model, "--data", str(beir), "--split", "train", "--out", str(mined), "--num_negatives", "1",
             "--min_negatives", "0", "--query_max_length", "64", "--no_cache"]
@@ -412,8 +417,8 @@ def decoder(args: argparse.Namespace) -> None:
 
     folder = build_model("qwen3-0.6b", model_dir(args.work, "qwen3-0.6b"), tiny=args.dry_run)
     ours, peer = Encoder.load(folder), SentenceTransformer(str(folder)).bfloat16()
-    for kind, texts in (("short", short_sentences(64 if args.dry_run else 4096, seed=11)),
-                        ("docs", documents(64 if args.dry_run else 1024, seed=12))):
+    for kind, texts in (("short", short_sentences(sized(args, 4096), seed=11)),
+                        ("docs", documents(sized(args, 1024), seed=12))):
         runs = {"textcl": lambda: ours.encode(texts, batch_size=ENCODE_BATCH, precision="bf16"),
                 "peer": lambda: peer.encode(texts, batch_size=ENCODE_BATCH)}
         rates = best_rates(runs, len(texts), repeats=1 if args.dry_run else 2)

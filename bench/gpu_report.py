@@ -21,16 +21,17 @@ ENCODE_KEYS = [f"{model}.{data}.{precision}" for model in ("minilm", "bert-base"
                for precision in ("bf16", "fp32")]
 # section -> the fields it must hold once its step ran (a skipped step holds "status" and "reason" instead).
 FIELDS: dict[str, list[str]] = {
+    "install": ["wheels", "wheels_mib", "unresolved", "pins_the_image_does_not_meet"],
     "env": ["device", "python", "versions", "onnxruntime_providers", "requirement_problems", "dry_run"],
     "models": ["parameters", "real_shape_parameters", "attn_implementation", "padding"],
     **{f"train_{mode}": ["settings", "padding_fraction", "textcl", "peer", "ratio"]
        for mode in ("fp32_b64", "bf16_b512", "gradcache_b4096", "hardneg")},
     "encode": ENCODE_KEYS,
-    "proofs": ["passed", "failed", "skipped", "tests"],
+    "proofs": ["passed", "failed", "skipped", "tests"],  # a dry run: "collected" (the test ids) instead
     "recipe": ["mine_seconds", "train_seconds", "losses", "ndcg_at_10", "settings"],
     "onnx": ["status"],
     "decoder": ["status"],
-    "not_run": ["multi_gpu"],
+    "not_run": ["multi_gpu", "deepspeed"],
     "steps": [],
 }
 SIDE_FIELDS = {"textcl": TRAIN_SIDE, "peer": TRAIN_SIDE}
@@ -80,6 +81,18 @@ def junit_results(path: Path) -> dict[str, Any]:
     return {**counts, "tests": tests}
 
 
+def not_run(report: dict[str, Any]) -> dict[str, str]:
+    """What this run could not prove, and why."""
+    gpus = report.get("env", {}).get("gpu_count", 0)
+    deepspeed = report.get("env", {}).get("versions", {}).get("deepspeed")
+    return {
+        "multi_gpu": "ran" if gpus >= 2 else
+        f"not run: {gpus} GPU(s). tests/test_multiprocess_gpu.py with 2+ processes (DDP, FSDP, DeepSpeed, the "
+        "global batch split over GPUs) needs 2+ GPUs; on one GPU it ran DDP and FSDP with one process",
+        "deepspeed": "installed" if deepspeed else "not run: deepspeed is not in the image (its configs' tests skip)",
+    }
+
+
 def main(argv: list[str]) -> int:
     command, path = argv[0], Path(argv[1])
     if command == "step":
@@ -88,6 +101,12 @@ def main(argv: list[str]) -> int:
         record(path, "steps", {name: {"rc": rc, "seconds": seconds, "limit_s": limit, "outcome": outcome}})
     elif command == "skip":
         record(path, argv[2], {"status": "skipped", "reason": argv[3]})
+    elif command == "collected":  # pytest --collect-only -q output: one test id a line, then a summary
+        ids = [line for line in Path(argv[3]).read_text().splitlines() if "::" in line]
+        record(path, argv[2], {"status": "skipped", "reason": f"dry run: {len(ids)} tests collected, none run",
+                               "collected": ids})
+    elif command == "not-run":
+        record(path, "not_run", not_run(read(path)))
     elif command == "junit":
         file = Path(argv[3])
         record(path, argv[2], junit_results(file) if file.exists() else {"status": "failed", "reason": "no junit"})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import string
+import tempfile
 from pathlib import Path
 
 WORDS = 8000
@@ -109,13 +110,15 @@ def build_model(shape: str, folder: Path, tiny: bool = False, max_seq_length: in
 
     torch.manual_seed(0)
     config = model_config(shape, tiny)
-    transformer_dir = folder / "transformer"
-    AutoModel.from_config(config).save_pretrained(transformer_dir)
-    build_tokenizer().save_pretrained(transformer_dir)
+    config.pad_token_id = SPECIALS.index("[PAD]")  # the synthetic tokenizer's
     decoder = config.model_type == "qwen3"
-    transformer = Transformer(str(transformer_dir), max_seq_length=max_seq_length)
-    modules = [transformer, Pooling(config.hidden_size, "lasttoken" if decoder else "mean")]
-    SentenceTransformer(modules=modules + ([] if decoder else [Normalize()]), device="cpu").save(str(folder))
+    with tempfile.TemporaryDirectory(dir=folder.parent) as transformer_dir:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a GPU draws 0.6 B weights in ms
+            AutoModel.from_config(config).save_pretrained(transformer_dir)
+        build_tokenizer().save_pretrained(transformer_dir)
+        transformer = Transformer(transformer_dir, max_seq_length=max_seq_length)
+        modules = [transformer, Pooling(config.hidden_size, "lasttoken" if decoder else "mean")]
+        SentenceTransformer(modules=modules + ([] if decoder else [Normalize()]), device="cpu").save(str(folder))
     return folder
 
 
