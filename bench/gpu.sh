@@ -77,12 +77,14 @@ install() {
   # The image lacks these (bench/gpu_wheels.sh); textcl's own pins (torch>=2.13, transformers>=5.24...) are
   # above the image's versions, which textcl runs with, hence --no-deps.
   # The tags name the image's Python, so the dry run checks the very wheels that travel (on another Python).
-  local site=$WORK/site
+  local site=$WORK/site offline=(--no-index --no-build-isolation)
   rm -rf "$site"
+  # a CI Python without setuptools builds textcl in an isolated environment from PyPI (the image has it)
+  [ "$DRY" = 1 ] && ! "$PY" -c "import setuptools" 2>/dev/null && offline=()
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "$WHEELS"/*.whl &&
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+    "$PY" -m pip install -q "${offline[@]}" --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$site" "$REPO" &&
     "$PY" bench/gpu_requirements.py "$WHEELS" "$REPORT" --target "$site"
 }

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -292,13 +293,23 @@ def sized(args: argparse.Namespace, count: int) -> int:
     return DRY_TEXTS if args.dry_run else count
 
 
+def encode_rates(encoders: dict[str, Any], texts: list[str], dry_run: bool) -> dict[str, float]:
+    """Texts/s of each `encoders[name](texts)` (best of 2 after a warm-up: kernels, allocator, autotuning)."""
+    from encode_throughput import best_rates
+
+    if not dry_run:
+        for run in encoders.values():
+            run(texts[:ENCODE_BATCH * 2])
+    runs = {name: partial(run, texts) for name, run in encoders.items()}
+    return {name: round(rate, 1) for name, rate in best_rates(runs, len(texts), 1 if dry_run else 2).items()}
+
+
 def encode(args: argparse.Namespace) -> None:
     """Texts/s at batch 256 of textcl `Encoder.encode` vs `SentenceTransformer.encode`, short sentences and
     256-token documents, bf16 and fp32. bf16 is each library's own way: textcl's `precision="bf16"` (autocast)
     against the peer's bf16 copy of the model (`model.bfloat16()`, as its docs advise)."""
     import numpy as np
     import torch
-    from encode_throughput import best_rates
     from gpu_setup import documents, short_sentences
     from sentence_transformers import SentenceTransformer
 
@@ -313,16 +324,12 @@ def encode(args: argparse.Namespace) -> None:
         peer_bf16 = SentenceTransformer(folder).bfloat16()
         for kind, texts in data.items():
             for precision in ("bf16", "fp32"):
-                other = peer_bf16 if precision == "bf16" else peer
-                runs = {"textcl": lambda: ours.encode(texts, batch_size=ENCODE_BATCH, precision=precision),
-                        "peer": lambda: other.encode(texts, batch_size=ENCODE_BATCH)}
-                if not args.dry_run:  # warm-up: kernels, allocator, autotuning
-                    ours.encode(texts[:ENCODE_BATCH * 2], batch_size=ENCODE_BATCH, precision=precision)
-                    other.encode(texts[:ENCODE_BATCH * 2], batch_size=ENCODE_BATCH)
-                rates = best_rates(runs, len(texts), repeats=1 if args.dry_run else 2)
+                encoders = {"textcl": partial(ours.encode, batch_size=ENCODE_BATCH, precision=precision),
+                            "peer": partial((peer_bf16 if precision == "bf16" else peer).encode,
+                                            batch_size=ENCODE_BATCH)}
+                rates = encode_rates(encoders, texts, args.dry_run)
                 record(args.report, "encode", {f"{shape}.{kind}.{precision}": {
-                    "textcl": round(rates["textcl"], 1), "peer": round(rates["peer"], 1),
-                    "ratio": round(rates["textcl"] / rates["peer"], 3), "texts": len(texts)}})
+                    **rates, "ratio": round(rates["textcl"] / rates["peer"], 3), "texts": len(texts)}})
         del ours, peer, peer_bf16
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -341,7 +348,6 @@ def onnx(args: argparse.Namespace) -> None:
                   f"{onnxruntime.get_available_providers()}): onnxruntime-gpu is not in the image")
         return record(args.report, "onnx", {"status": "skipped", "reason": reason})
     from gpu_setup import documents, short_sentences
-    from encode_throughput import best_rates
 
     folder = args.work / "onnx-minilm"
     assert cli(["export", str(model_dir(args.work, "minilm")), "--out", str(folder)]) == 0, "textcl export failed"
@@ -350,10 +356,9 @@ def onnx(args: argparse.Namespace) -> None:
     figures = {}
     for kind, texts in (("short", short_sentences(sized(args, ENCODE["short"]), seed=11)),
                         ("docs", documents(sized(args, ENCODE["docs"]), seed=12))):
-        runs = {"onnx": lambda: ours.encode(texts, batch_size=ENCODE_BATCH),
-                "torch": lambda: torch_side.encode(texts, batch_size=ENCODE_BATCH)}
-        rates = best_rates(runs, len(texts), repeats=1 if args.dry_run else 2)
-        figures[f"minilm.{kind}.fp32"] = {name: round(rate, 1) for name, rate in rates.items()}
+        encoders = {"onnx": partial(ours.encode, batch_size=ENCODE_BATCH),
+                    "torch": partial(torch_side.encode, batch_size=ENCODE_BATCH)}
+        figures[f"minilm.{kind}.fp32"] = encode_rates(encoders, texts, args.dry_run)
     record(args.report, "onnx", {"status": "ok" if cuda else "skipped",
                                  "reason": None if cuda else "dry run on the CPU provider", **figures})
 
@@ -410,26 +415,24 @@ def decoder(args: argparse.Namespace) -> None:
     if "last_token" not in POOLING_MODES:
         return record(args.report, "decoder", {"status": "skipped", "reason": "textcl has no last_token pooling"})
     import torch
-    from encode_throughput import best_rates
     from sentence_transformers import SentenceTransformer
 
     from textcl import Encoder
 
     folder = build_model("qwen3-0.6b", model_dir(args.work, "qwen3-0.6b"), tiny=args.dry_run)
     ours, peer = Encoder.load(folder), SentenceTransformer(str(folder)).bfloat16()
+    parameters = sum(p.numel() for p in ours.model.parameters())
     for kind, texts in (("short", short_sentences(sized(args, 4096), seed=11)),
                         ("docs", documents(sized(args, 1024), seed=12))):
-        runs = {"textcl": lambda: ours.encode(texts, batch_size=ENCODE_BATCH, precision="bf16"),
-                "peer": lambda: peer.encode(texts, batch_size=ENCODE_BATCH)}
-        rates = best_rates(runs, len(texts), repeats=1 if args.dry_run else 2)
-        record(args.report, "decoder", {f"encode.{kind}.bf16": {name: round(r, 1) for name, r in rates.items()}})
+        encoders = {"textcl": partial(ours.encode, batch_size=ENCODE_BATCH, precision="bf16"),
+                    "peer": partial(peer.encode, batch_size=ENCODE_BATCH)}
+        record(args.report, "decoder", {f"encode.{kind}.bf16": encode_rates(encoders, texts, args.dry_run)})
     del ours, peer
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     for side in ("peer", "textcl"):
         record(args.report, "decoder", {f"train_bf16_b64.{side}": side_result("train_decoder", side, args)})
-    record(args.report, "decoder", {"status": "ok", "parameters": sum(
-        p.numel() for p in Encoder.load(folder, device="cpu").model.parameters())})
+    record(args.report, "decoder", {"status": "ok", "parameters": parameters})
 
 
 STEPS = {"env": env, "models": models, **{step: train(step) for step in TRAIN if step != "train_decoder"},

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import SENTENCES, build_tiny_bert, build_tokenizer  # noqa: E402
-from test_gradcache import (  # noqa: E402
+from conftest import SENTENCES, build_tiny_bert, build_tokenizer
+from test_gradcache import (
     assert_grads_close,
     batch_texts,
     make_setup,
@@ -32,9 +32,9 @@ from test_gradcache import (  # noqa: E402
     text_ids,
 )
 
-from textcl.cli import main  # noqa: E402
-from textcl.demo.run import demo_rows  # noqa: E402
-from textcl.losses.gradcache import gradcache_backward  # noqa: E402
+from textcl.cli import main
+from textcl.demo.run import demo_rows
+from textcl.losses.gradcache import gradcache_backward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")
 CUDA = torch.device("cuda")

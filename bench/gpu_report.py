@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import sys
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 TRAIN_SIDE = ["anchors_per_second", "anchors_per_second_whole_run", "peak_allocated_gib", "peak_reserved_gib"]
 ENCODE_KEYS = [f"{model}.{data}.{precision}" for model in ("minilm", "bert-base") for data in ("short", "docs")

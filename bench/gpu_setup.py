@@ -112,9 +112,11 @@ def build_model(shape: str, folder: Path, tiny: bool = False, max_seq_length: in
     config = model_config(shape, tiny)
     config.pad_token_id = SPECIALS.index("[PAD]")  # the synthetic tokenizer's
     decoder = config.model_type == "qwen3"
+    folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as transformer_dir:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a GPU draws 0.6 B weights in ms
-            AutoModel.from_config(config).save_pretrained(transformer_dir)
+            model = AutoModel.from_config(config)
+        model.to("cpu").save_pretrained(transformer_dir)
         build_tokenizer().save_pretrained(transformer_dir)
         transformer = Transformer(transformer_dir, max_seq_length=max_seq_length)
         modules = [transformer, Pooling(config.hidden_size, "lasttoken" if decoder else "mean")]

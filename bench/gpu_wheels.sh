@@ -29,7 +29,8 @@ for file in .whl/*.whl; do
 done
 mib() { awk '{printf "%.1f", $1 / 1048576}'; }
 wheels=$(du -cb .whl/*.whl | tail -1 | cut -f1)
-tree=$(git ls-files -co --exclude-standard -z | du --files0-from=- -cb 2>/dev/null | tail -1 | cut -f1)
+tree=$(git ls-files -co --exclude-standard -z 2>/dev/null | du --files0-from=- -cb 2>/dev/null | tail -1 | cut -f1)
+tree=${tree:-0}
 ls -l .whl/*.whl | awk '{printf "  %6.1f MiB  %s\n", $5 / 1048576, $9}'
 echo "carry: [\".whl\"]"
 echo "wheels $(echo "$wheels" | mib) MiB + tree $(echo "$tree" | mib) MiB = $(echo $((wheels + tree)) | mib) MiB of 64 MiB"

@@ -20,14 +20,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_report import missing  # noqa: E402
-from gpu_requirements import image_packages, resolve  # noqa: E402
+from gpu_report import missing
+from gpu_requirements import image_packages, resolve
 
 
 def test_the_dry_run_installs_offline_runs_every_step_and_reports_every_field(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path / "out"), "TEXTCL_GPU_WORK": str(tmp_path / "work"),
            "PYTHON": sys.executable, "TEXTCL_GPU_BUDGET": "900"}
-    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], env=env, cwd=tmp_path,
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], env=env, cwd=tmp_path, check=False,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]
     report = json.loads((tmp_path / "out" / "gpu.json").read_text())
