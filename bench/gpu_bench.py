@@ -176,8 +176,8 @@ def models(args: argparse.Namespace) -> None:
 
 def train_mode(step: str, dry_run: bool) -> dict[str, Any]:
     mode = dict(TRAIN[step])
-    if dry_run:
-        mode |= DRY_TRAIN | ({"chunk": 2} if mode["chunk"] else {})
+    if dry_run:  # bf16 on a CPU builds kernels for each new shape (seconds under load): one step proves it
+        mode |= DRY_TRAIN | ({"chunk": 2} if mode["chunk"] else {}) | {"bf16": step == "train_bf16_b512"}
     return mode
 
 
