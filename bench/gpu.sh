@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command, about 7 minutes on one H100, no network (see README "Many processes").
 #
-#   bench/gpu_wheels.sh                  # here, with PyPI: the wheels the GPU image lacks, into .whl/
-#   bench/gpu.sh                         # on the GPU machine, from the repository root, with .whl carried
+#   bench/gpu_wheels.sh                  # here, with PyPI: the wheels the GPU image lacks, into .gpu-wheels/
+#   bench/gpu.sh                         # on the GPU machine, from the repository root, with .gpu-wheels carried
 #   bench/gpu.sh --only encode,proofs    # rerun some steps (install and models always run first)
 #   bench/gpu.sh --dry-run               # on a CPU (CI): every step with tiny models, nothing timed
 #
@@ -40,7 +40,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$REPO/bench/gpu-out}
 WORK=${TEXTCL_GPU_WORK:-/tmp/textcl-gpu}
 BUDGET=${TEXTCL_GPU_BUDGET:-460}
-WHEELS=$REPO/.whl
+WHEELS=$REPO/.gpu-wheels
 REPORT=$OUT/gpu.json
 mkdir -p "$OUT" "$WORK"
 rm -f "$REPORT"
@@ -118,7 +118,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 if [ $DRY = 1 ]; then  # checks that the pinned wheels still download for the image's Python (kept if present)
   bench/gpu_wheels.sh || exit 1
 fi
-ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run bench/gpu_wheels.sh, carry .whl"; exit 1; }
+ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "no wheels in .gpu-wheels/: run bench/gpu_wheels.sh, carry .gpu-wheels"; exit 1; }
 step install 60 install || { echo "install failed: nothing else can run"; exit 1; }
 if [ $DRY = 1 ]; then
   # The steps run with this machine's packages: the wheels are for Python 3.12 (the image), not for this one.

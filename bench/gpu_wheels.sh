@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Downloads the wheels that bench/gpu.sh installs on the GPU machine (Python 3.12, manylinux x86-64, no
-# network there) into .whl/ (git-ignored), then prints the `carry` list and what travels.
+# network there) into .gpu-wheels/ (git-ignored), then prints the `carry` list and what travels.
 #
 #   bench/gpu_wheels.sh
 #
@@ -13,13 +13,13 @@
 set -eu
 cd "$(dirname "$0")/.."
 WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 faiss-cpu==1.15.1)
-mkdir -p .whl
+mkdir -p .gpu-wheels
 PY=${PYTHON:-python3}
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .gpu-wheels "${WHEELS[@]}"
 # keep exactly these versions: two versions of one package stop the install on the GPU machine
-for file in .whl/*.whl; do
+for file in .gpu-wheels/*.whl; do
   keep=0
   for spec in "${WHEELS[@]}"; do
     name=${spec%%==*}; version=${spec##*==}
@@ -28,9 +28,9 @@ for file in .whl/*.whl; do
   [ $keep = 1 ] || { echo "removing $(basename "$file") (not in the list)"; rm -f "$file"; }
 done
 mib() { awk '{printf "%.1f", $1 / 1048576}'; }
-wheels=$(du -cb .whl/*.whl | tail -1 | cut -f1)
+wheels=$(du -cb .gpu-wheels/*.whl | tail -1 | cut -f1)
 tree=$(git ls-files -co --exclude-standard -z 2>/dev/null | du --files0-from=- -cb 2>/dev/null | tail -1 | cut -f1)
 tree=${tree:-0}
-ls -l .whl/*.whl | awk '{printf "  %6.1f MiB  %s\n", $5 / 1048576, $9}'
-echo "carry: [\".whl\"]"
+ls -l .gpu-wheels/*.whl | awk '{printf "  %6.1f MiB  %s\n", $5 / 1048576, $9}'
+echo "carry: [\".gpu-wheels\"]"
 echo "wheels $(echo "$wheels" | mib) MiB + tree $(echo "$tree" | mib) MiB = $(echo $((wheels + tree)) | mib) MiB of 64 MiB"

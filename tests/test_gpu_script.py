@@ -1,6 +1,6 @@
 """bench/gpu.sh --dry-run, so that the GPU check can only fail on GPU matters when a GPU is lent for a few minutes.
 
-The dry run downloads the carried wheels with bench/gpu_wheels.sh when .whl/ lacks them (PyPI, which CI uses
+The dry run downloads the carried wheels with bench/gpu_wheels.sh when .gpu-wheels/ lacks them (PyPI, which CI uses
 anyway to install textcl: more robust than committing 19 MiB of wheels, and it checks that the pinned
 versions still download for the image's Python 3.12 / manylinux x86-64), installs them and textcl offline
 into a clean folder with the image's tags, resolves them against the image's package list, runs every step
@@ -33,7 +33,7 @@ def test_the_dry_run_installs_offline_runs_every_step_and_reports_every_field(tm
     report = json.loads((tmp_path / "out" / "gpu.json").read_text())
     assert missing(report) == [], result.stdout[-3000:]
     assert report["install"]["unresolved"] == []
-    assert sorted(report["install"]["wheels"]) == sorted(p.name for p in (ROOT / ".whl").glob("*.whl"))
+    assert sorted(report["install"]["wheels"]) == sorted(p.name for p in (ROOT / ".gpu-wheels").glob("*.whl"))
     assert {name: step["outcome"] for name, step in report["steps"].items()} == dict.fromkeys(report["steps"], "ok")
     assert report["models"]["real_shape_parameters"]["minilm"] == 22_713_216  # all-MiniLM-L6-v2's count
     assert report["models"]["real_shape_parameters"]["bert-base"] == 109_482_240
