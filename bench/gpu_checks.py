@@ -104,4 +104,4 @@ def test_bf16_training_keeps_the_fp32_losses_on_cuda(model_dir: Path, pairs_file
     fp32 = train_losses(model_dir, pairs_file, tmp_path / "fp32", "--bf16", "false")
     bf16 = train_losses(model_dir, pairs_file, tmp_path / "bf16", "--bf16", "true")
     assert len(fp32) == 6 and fp32[-1] < fp32[0]
-    assert bf16 == pytest.approx(fp32, rel=3e-2)
+    assert bf16 == pytest.approx(fp32, rel=5e-2)  # bf16 rounds cosines to ~3 digits; logits are cos / 0.05
