@@ -53,3 +53,19 @@ def save_tiny_decoder(path: Path, family: str, seed: int = 0) -> Path:
     build_tiny_decoder(family, len(tokenizer), seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_tiny_decoder_encoder(path: Path, family: str = "qwen3", seed: int = 0, dropout: float = 0.0) -> Path:
+    """A sentence-transformers folder of a tiny `family` decoder as decoder embedders ship: the tokenizer pads on
+    the left and appends its EOS, last-token pooling, normalized; `dropout` on the attention probabilities."""
+    from textcl import Encoder
+    from textcl.model.decoder import append_eos_token, prepare_decoder
+
+    tokenizer = build_decoder_tokenizer()
+    tokenizer.padding_side = "left"
+    model = build_tiny_decoder(family, len(tokenizer), seed)
+    model.config.attention_dropout = dropout
+    prepare_decoder(model, tokenizer)
+    append_eos_token(tokenizer)
+    Encoder(model, tokenizer, pooling="last_token", normalize=True, max_seq_length=64).save(path)
+    return path
