@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import SENTENCES, build_tokenizer
-from decoder_models import EOS, FAMILIES, build_decoder_tokenizer, build_tiny_decoder, save_tiny_decoder
+from decoder_models import (
+    EOS,
+    FAMILIES,
+    build_decoder_tokenizer,
+    build_tiny_decoder,
+    save_tiny_decoder,
+    save_tiny_decoder_encoder,
+)
 
 from textcl import Encoder
 from textcl.config import ModelArguments, load_config
@@ -225,9 +232,18 @@ def test_train_a_decoder_with_per_source_instructions_and_lora(qwen3_dir: Path, 
     theirs = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
     np.testing.assert_allclose(theirs.encode(TEXTS, prompt_name="query"), encoder.encode(TEXTS, prompt_name="query"),
                                atol=1e-5)
-    index = SearchIndex.build(encoder, SENTENCES)
-    hits = index.search(SENTENCES[4], k=3)
-    assert len(hits) == 3
+    SearchIndex.build(encoder, SENTENCES).save(tmp_path / "index")  # what `textcl index` and `textcl serve` use
+    index = SearchIndex.load(tmp_path / "index")
+    queries = encoder.encode(TEXTS, prompt_name="query")
+    np.testing.assert_allclose(index.encode_queries(TEXTS), queries, atol=1e-5)  # the index applies the instruction
+    pytest.importorskip("fastapi")
+    from textcl.serving.service import EncodeJob, SearchService
+    from textcl.serving.store import DurableIndex
+
+    service = SearchService(DurableIndex.open(tmp_path / "index"), 8, 1.0)
+    vectors, hits = service.run_batch([EncodeJob(TEXTS, "query"), EncodeJob(TEXTS, "query", 3)])
+    np.testing.assert_allclose(vectors, queries, atol=1e-5)
+    assert hits.ids.tolist() == index.search(TEXTS, k=3).ids.tolist()
 
 
 @pytest.mark.parametrize("family,tokenizer", [("llama", "bert"), ("qwen3", "bpe")])
@@ -250,3 +266,28 @@ def test_onnx_export_of_a_decoder_matches_torch(tmp_path: Path, family: str, tok
     onnx_encoder = Encoder.load(tmp_path / "model", backend="onnx", device="cpu")
     cosines = (torch_encoder.encode(TEXTS) * onnx_encoder.encode(TEXTS)).sum(axis=1)
     assert cosines.min() >= 0.9999
+
+
+def test_gradient_checkpointing_and_bf16_on_a_lora_decoder(tmp_path: Path) -> None:
+    """Checkpointing (attention dropout on) gives plain backprop's LoRA gradients; bf16 encodes close to fp32."""
+    from textcl.config import TrainingArguments
+    from textcl.losses import InfoNCELoss
+    from textcl.training.setup import apply_training_options
+
+    folder = save_tiny_decoder_encoder(tmp_path / "model", "llama", dropout=0.1)
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        encoder = build_encoder(ModelArguments(model_name_or_path=str(folder), lora=True, lora_r=2)).train()
+        apply_training_options(encoder, TrainingArguments(gradient_checkpointing=checkpointing))
+        torch.manual_seed(1)
+        InfoNCELoss(temperature=0.05)(encoder(**encoder.tokenize(TEXTS)), encoder(**encoder.tokenize(SENTENCES[:3]))).backward()
+        return {name: p.grad for name, p in encoder.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 28 and all("lora_" in name for name in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=0, msg=name)
+    encoder = Encoder.load(folder, device="cpu")
+    cosines = (encoder.encode(SENTENCES) * encoder.encode(SENTENCES, precision="bf16")).sum(axis=1)
+    assert cosines.min() > 0.99
