@@ -55,6 +55,9 @@ def build_encoder(args: ModelArguments) -> Encoder:
                           "lora_merge: true to save a full bidirectional model (or lora: false)")
     if is_adapter(encoder.model) and not args.lora:  # full fine-tuning from an adapter folder: merge it first
         encoder.model = encoder.model.merge_and_unload().requires_grad_(True)
+    # Decoder checkpoints are stored in bf16, which transformers 5 keeps on load: training holds fp32 weights
+    # (bf16 runs go through autocast, as for every model), so optimizer updates are not rounded to bf16.
+    encoder.model.float()
     if args.dense_dim and encoder.dense is None:
         encoder.add_dense(args.dense_dim)
     if args.dropout is not None:
