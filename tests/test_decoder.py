@@ -98,7 +98,8 @@ def test_exclude_prompt_matches_sentence_transformers_rule_for_both_padding_side
     assert exclude_prompt(right, 2).tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert exclude_prompt(left, torch.tensor([2, 3])).tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
     tokens = torch.randn(2, 5, 3)
-    torch.testing.assert_close(mean_pooling(tokens, exclude_prompt(right, 2)), mean_pooling(tokens[:, 2:], right[:, 2:]))
+    expected = mean_pooling(tokens[:, 2:], right[:, 2:])
+    torch.testing.assert_close(mean_pooling(tokens, exclude_prompt(right, 2)), expected)
 
 
 @pytest.mark.parametrize("include_prompt", [True, False])
@@ -143,7 +144,9 @@ def test_bidirectional_attention_changes_early_tokens_and_keeps_padding_invarian
         assert not torch.allclose(first, causal.model(**ids).last_hidden_state[0, 0])
 
 
-def test_bidirectional_is_saved_and_restored_by_textcl_and_sentence_transformers(qwen3_dir: Path, tmp_path: Path) -> None:
+def test_bidirectional_is_saved_and_restored_by_textcl_and_sentence_transformers(
+    qwen3_dir: Path, tmp_path: Path
+) -> None:
     sentence_transformers = pytest.importorskip("sentence_transformers")
     encoder = build_encoder(ModelArguments(model_name_or_path=str(qwen3_dir), pooling="mean", bidirectional=True))
     expected = encoder.encode(TEXTS)
@@ -215,7 +218,8 @@ def test_train_a_decoder_with_per_source_instructions_and_lora(qwen3_dir: Path, 
         "--model_name_or_path", str(qwen3_dir), "--train_data", *map(str, files), "--output_dir", str(tmp_path / "out"),
         "--pooling", "last_token", "--normalize", "true", "--append_eos_token", "true", "--bidirectional", "true",
         "--query_instruction", INSTRUCTION, "--source_instructions", "", "Find the next sentence",
-        "--lora", "true", "--lora_merge", "true", "--lora_r", "2", "--per_device_train_batch_size", "4", "--max_steps", "2",
+        "--lora", "true", "--lora_merge", "true", "--lora_r", "2", "--per_device_train_batch_size", "4",
+        "--max_steps", "2",
         "--learning_rate", "1e-3", "--logging_steps", "1",
     ])
     trainer = Trainer(config)
@@ -259,13 +263,27 @@ def test_onnx_export_of_a_decoder_matches_torch(tmp_path: Path, family: str, tok
     if tokenizer == "bpe":
         append_eos_token(tok)
         tok.padding_side = "left"
-    Encoder(model, tok, pooling="last_token", normalize=True, max_seq_length=64).save(tmp_path / "model")
+    prompts = {"query": QUERY_PROMPT}
+    encoder = Encoder(model, tok, pooling="last_token", normalize=True, max_seq_length=64, prompts=prompts)
+    encoder.save(tmp_path / "model")
     result = export_onnx(tmp_path / "model", optimize=False)
     assert min(result.cosines.values()) >= 0.9999
     torch_encoder = Encoder.load(tmp_path / "model", device="cpu")
     onnx_encoder = Encoder.load(tmp_path / "model", backend="onnx", device="cpu")
-    cosines = (torch_encoder.encode(TEXTS) * onnx_encoder.encode(TEXTS)).sum(axis=1)
-    assert cosines.min() >= 0.9999
+    for prompt_name in (None, "query"):  # the ONNX backend applies the saved instruction to queries too
+        ours = torch_encoder.encode(TEXTS, prompt_name=prompt_name)
+        assert (ours * onnx_encoder.encode(TEXTS, prompt_name=prompt_name)).sum(axis=1).min() >= 0.9999
+
+
+def test_lora_is_chosen_above_the_size_threshold(qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import textcl.training.setup as setup
+    from textcl.model.lora import is_adapter
+
+    monkeypatch.setattr(setup, "LORA_AUTO_PARAMETERS", 10_000)  # the tiny model counts as large
+    args = ModelArguments(model_name_or_path=str(qwen3_dir), pooling="last_token")
+    assert is_adapter(build_encoder(args).model) and args.lora is True
+    explicit = ModelArguments(model_name_or_path=str(qwen3_dir), pooling="last_token", lora=False)
+    assert not is_adapter(build_encoder(explicit).model)
 
 
 def test_gradient_checkpointing_and_bf16_on_a_lora_decoder(tmp_path: Path) -> None:
@@ -281,7 +299,8 @@ def test_gradient_checkpointing_and_bf16_on_a_lora_decoder(tmp_path: Path) -> No
         encoder = build_encoder(ModelArguments(model_name_or_path=str(folder), lora=True, lora_r=2)).train()
         apply_training_options(encoder, TrainingArguments(gradient_checkpointing=checkpointing))
         torch.manual_seed(1)
-        InfoNCELoss(temperature=0.05)(encoder(**encoder.tokenize(TEXTS)), encoder(**encoder.tokenize(SENTENCES[:3]))).backward()
+        anchors, positives = encoder(**encoder.tokenize(TEXTS)), encoder(**encoder.tokenize(SENTENCES[:3]))
+        InfoNCELoss(temperature=0.05)(anchors, positives).backward()
         return {name: p.grad for name, p in encoder.named_parameters() if p.grad is not None}
 
     plain, checkpointed = gradients(False), gradients(True)

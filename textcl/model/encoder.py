@@ -22,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from textcl.errors import TextclError
+from textcl.model.decoder import is_decoder, prepare_decoder
 from textcl.model.device import resolve_device
 from textcl.model.location import resolve_model_dir
-from textcl.model.decoder import is_decoder, prepare_decoder
 from textcl.model.lora import is_adapter_folder, load_adapter_model
 from textcl.model.onnx_backend import OnnxEncoder
 from textcl.model.pooling import check_pooling_mode, exclude_prompt, pool

@@ -17,8 +17,8 @@ from textcl.losses.distillation import DISTILLATION_LOSSES, DistilledLoss
 from textcl.losses.infonce import InfoNCELoss
 from textcl.losses.matryoshka import MatryoshkaLoss
 from textcl.losses.queue import MomentumEncoder
-from textcl.model.encoder import Encoder
 from textcl.model.decoder import append_eos_token, make_bidirectional
+from textcl.model.encoder import Encoder
 from textcl.model.lora import add_lora, is_adapter
 
 # Backbones with more parameters than this train a LoRA adapter unless the recipe sets `lora` (decoder LLMs:
