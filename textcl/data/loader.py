@@ -69,8 +69,8 @@ def build_training_data(
 ) -> TrainingData:
     """Load the rows of `data` and batch them `batch_size` rows per process; errors name the fix before any
     training starts. `teacher_scores`: read the data's `<column>_score` columns (distillation) into the batches.
-    `source_query_prompts` and `prompt_length`: see `ContrastiveCollator`. Streams are split between processes here; map-style batches are split by the caller
-    (accelerate's prepared loader)."""
+    `source_query_prompts` and `prompt_length`: see `ContrastiveCollator`. Streams are split between processes
+    here; map-style batches are split by the caller (accelerate's prepared loader)."""
     unknown = set(data.augment) - set(AUGMENTATIONS)
     if unknown:
         raise TextclError(f"unknown augmentation {sorted(unknown)[0]!r}; valid: {', '.join(AUGMENTATIONS)}")

@@ -225,9 +225,9 @@ def tag_source(batch: dict[str, list], index: int) -> dict[str, list]:
 
 def load_rows(args: DataArguments, report: bool = True, teacher_scores: bool = False) -> Any:
     """Rows of every source in `args.train_data`, concatenated (see module docstring), with a `source`
-    column (the source's index) when `batch_per_source` or `source_instructions` needs it, and `teacher_scores` when asked (every source
-    must have them); errors name the fix before any training starts, and dropped rows are reported (`report`)
-    by reason."""
+    column (the source's index) when `batch_per_source` or `source_instructions` needs it, and `teacher_scores`
+    when asked (every source must have them); errors name the fix before any training starts, and dropped rows
+    are reported (`report`) by reason."""
     parts = []
     for source in args.train_data:
         table = load_source(source, args)
