@@ -154,11 +154,11 @@ def worker(rank: int, folder: Path, model_dir: Path) -> None:
     torch.save({"loss": value, "grads": parameter_grads(encoder, loss)}, folder / f"rank{rank}.pt")
 
 
-def test_gradcache_with_two_process_gather_equals_one_process(model_dir: Path, tmp_path: Path) -> None:
-    run_processes(worker, 2, tmp_path, model_dir)
+def test_gradcache_with_two_process_gather_equals_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run_processes(worker, 2, tmp_path, tiny_model_dir)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     texts = batch_texts()
-    encoder, loss, _ = make_setup(model_dir, texts)
+    encoder, loss, _ = make_setup(tiny_model_dir, texts)
     per_rank = []
     for rank in range(2):  # each process's dropout masks come from its own seed, as in the workers
         torch.manual_seed(100 + rank)
