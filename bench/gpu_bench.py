@@ -33,7 +33,7 @@ from typing import Any
 from gpu_report import record
 
 BENCH = Path(__file__).resolve().parent
-CARRIED = ["datasets", "dill", "multiprocess", "faiss-cpu"]  # bench/gpu_wheels.sh downloads these
+CARRIED = ["datasets", "dill", "multiprocess", "faiss-cpu", "bm25s", "PyStemmer"]  # bench/gpu_wheels.sh downloads these
 # train_throughput's mode keys, plus precision, steps and the warm-up steps left out of the steady rate.
 TRAIN = {
     "train_fp32_b64": {"batch": 64, "max_length": 32, "query_length": 32, "negatives": 0, "chunk": None,

@@ -105,7 +105,7 @@ def main() -> int:
             pins.append(f"{owner} needs {detail}")
     if args.target is not None:
         errors += [f"{module} was not installed into {args.target}" for module in
-                   ("datasets", "dill", "multiprocess", "faiss", "textcl") if not (args.target / module).is_dir()]
+                   ("datasets", "dill", "multiprocess", "faiss", "bm25s", "textcl") if not (args.target / module).is_dir()]
     record(args.report, "install", {
         "wheels": {file.name: file.stat().st_size for file in files},
         "wheels_mib": round(sum(file.stat().st_size for file in files) / 2**20, 1),

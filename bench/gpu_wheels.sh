@@ -7,12 +7,12 @@
 # The image (bench/gpu_image_packages.txt) has torch, transformers, tokenizers, accelerate, peft,
 # sentence-transformers, huggingface-hub, safetensors, numpy, scipy, tqdm, pyyaml, pandas, pyarrow, xxhash,
 # fsspec, onnx and onnxruntime; it lacks datasets (textcl's data loading, and sentence-transformers' trainer)
-# with its dill and multiprocess, and faiss-cpu (mining, evaluation, search). Nothing else of textcl's core
-# dependencies is missing (bench/gpu_requirements.py checks that). Output, 2026-12: 4 wheels, 18.8 MiB
-# (faiss-cpu 18.0 of it) + the tree, 1.6 MiB = 20.4 MiB of the 64 MiB that may travel.
+# with its dill and multiprocess, faiss-cpu (mining, evaluation, search), and bm25s with PyStemmer (hybrid
+# search). Nothing else of textcl's core dependencies is missing (bench/gpu_requirements.py checks that).
+# Output, 2026-12: 6 wheels, 19.6 MiB (faiss-cpu 18.0 of it) + the tree, about 2 MiB: under 22 of the 64 MiB.
 set -eu
 cd "$(dirname "$0")/.."
-WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 faiss-cpu==1.15.1)
+WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 faiss-cpu==1.15.1 bm25s==0.3.16 PyStemmer==3.1.0)
 mkdir -p .gpu-wheels
 PY=${PYTHON:-python3}
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -23,7 +23,8 @@ for file in .gpu-wheels/*.whl; do
   keep=0
   for spec in "${WHEELS[@]}"; do
     name=${spec%%==*}; version=${spec##*==}
-    case "$(basename "$file")" in "${name//-/_}-$version-"*) keep=1 ;; esac
+    base=$(basename "$file" | tr '[:upper:]' '[:lower:]'); wanted=$(echo "${name//-/_}" | tr '[:upper:]' '[:lower:]')
+    case "$base" in "$wanted-$version-"*) keep=1 ;; esac
   done
   [ $keep = 1 ] || { echo "removing $(basename "$file") (not in the list)"; rm -f "$file"; }
 done

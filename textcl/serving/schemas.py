@@ -1,12 +1,15 @@
 """The request and response bodies of the search service (pydantic models; FastAPI validates and documents them).
 
 Every text is a non-empty str that encodes to UTF-8 (JSON can spell a lone surrogate, `"\\ud800"`, which no
-file or tokenizer takes). Unknown fields are errors, so a misspelled `top_k` is not silently ignored.
+file or tokenizer takes). A document id holds no control character (a newline, a tab, U+0000...): ids travel in
+URL paths (DELETE /documents/{id}), in tab-separated qrels and in log lines, where those characters break or
+forge a line, so they are refused at POST (422) rather than made to match in one place. Unknown fields are errors, so a misspelled `top_k` is not silently ignored.
 """
 
 from __future__ import annotations
 
 import inspect
+import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StrictStr, WithJsonSchema
@@ -39,7 +42,16 @@ def check_texts(value: object) -> list[str]:
     return [check_text(text) for text in texts]
 
 
+def check_id(text: str) -> str:
+    check_text(text)
+    control = next((char for char in text if unicodedata.category(char) == "Cc"), None)
+    if control is not None:
+        raise ValueError(f"must not hold control characters (it holds U+{ord(control):04X})")
+    return text
+
+
 Text = Annotated[StrictStr, AfterValidator(check_text)]
+Id = Annotated[StrictStr, AfterValidator(check_id)]
 # One validator for `str | list[str]`, so a mistake gets one message instead of one per member of the union.
 Texts = Annotated[list[str], PlainValidator(check_texts), WithJsonSchema({"anyOf": [
     {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_TEXTS}]})]
@@ -52,12 +64,19 @@ class Strict(BaseModel):
 class SearchRequest(Strict):
     query: Texts = Field(description="a query, or a list of queries searched together")
     k: StrictInt = Field(DEFAULT_K, ge=1, le=MAX_K, description="results per query (fewer when the index is smaller)")
+    mode: Literal["dense", "bm25", "hybrid"] | None = Field(
+        None, description="dense, bm25 or hybrid (default: hybrid for an index built with --hybrid, else dense)")
 
 
 class Hit(BaseModel):
     id: str
-    score: float = Field(description="cosine similarity (inner product when the index is not normalized)")
+    score: float = Field(description="cosine similarity (inner product when the index is not normalized); in a "
+                         "hybrid search the fused score, in a bm25 search the BM25 score")
     text: str
+    dense_score: float | None = Field(None, description="hybrid and bm25 searches: the dense side's score (null: "
+                                      "that side did not return the document)")
+    bm25_score: float | None = Field(None, description="hybrid and bm25 searches: the BM25 score (null: that side "
+                                     "did not return the document)")
 
 
 class QueryResult(BaseModel):
@@ -81,7 +100,7 @@ class EmbedResponse(BaseModel):
 
 
 class Document(Strict):
-    id: Text
+    id: Id
     text: Text
 
 
@@ -105,7 +124,7 @@ class Health(BaseModel):
     documents: int
     index_type: str = Field(description="the faiss index factory string, e.g. Flat or IVF1024,Flat")
     metric: str
-    max_batch_size: int = Field(description="queries per encoder forward at most (1: batching off)")
+    max_batch_size: int = Field(description="texts per micro-batch at most (1: batching off)")
     mean_batch_size: float = Field(description="texts per encoder forward so far")
     writes_need_key: bool
 
