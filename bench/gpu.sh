@@ -23,6 +23,7 @@
 #   recipe 60     retrieval-hardneg for 30 steps on SciFact-shaped random data, forward_chunk_size 0
 #   onnx 30       textcl's ONNX export on onnxruntime's CUDA provider, when the image has onnxruntime-gpu
 #   decoder 90    a Qwen3-0.6B-shaped decoder (last-token pooling): encode and train, textcl vs peer
+#   decoder_lora 60  bench/decoder.py: LoRA training and encoding of that shape at batch 32 x 512 tokens
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -132,7 +133,7 @@ else
 fi
 # name:limit in seconds, in the order they run (the header above says what each does)
 STEPS=(env:30 models:60 train_fp32_b64:60 train_bf16_b512:60 train_gradcache_b4096:90 train_hardneg:60 encode:75
-       proofs:150 recipe:60 onnx:30 decoder:90)
+       proofs:150 recipe:60 onnx:30 decoder:90 decoder_lora:60)
 if [ $DRY = 1 ]; then  # the measuring steps in one process: a dry run proves code paths, and CI time counts
   names=()
   for entry in "${STEPS[@]}"; do [ "${entry%%:*}" = proofs ] || names+=("${entry%%:*}"); done

@@ -435,8 +435,22 @@ def decoder(args: argparse.Namespace) -> None:
     record(args.report, "decoder", {"status": "ok", "parameters": parameters})
 
 
+def decoder_lora(args: argparse.Namespace) -> None:
+    """bench/decoder.py (the decoder issue's own bench): a Qwen3-Embedding-0.6B-shaped LoRA training step and
+    encoding at batch 32 x 512 tokens, GradCache, gradient checkpointing; its JSON lines go into the report."""
+    script = BENCH / "decoder.py"
+    if not script.exists():
+        return record(args.report, "decoder_lora", {"status": "skipped", "reason": "no bench/decoder.py"})
+    tiny = ["--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv_heads", "2",
+            "--head_dim", "16", "--vocab", "1000", "--batch", "4", "--seq", "16", "--steps", "2"]
+    output = subprocess.run([sys.executable, str(script), *(tiny if args.dry_run else [])], stdout=subprocess.PIPE,
+                            text=True, check=True).stdout
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    record(args.report, "decoder_lora", {"status": "ok", "measurements": lines})
+
+
 STEPS = {"env": env, "models": models, **{step: train(step) for step in TRAIN if step != "train_decoder"},
-         "encode": encode, "recipe": recipe, "onnx": onnx, "decoder": decoder}
+         "encode": encode, "recipe": recipe, "onnx": onnx, "decoder": decoder, "decoder_lora": decoder_lora}
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -31,6 +31,7 @@ FIELDS: dict[str, list[str]] = {
     "recipe": ["mine_seconds", "train_seconds", "losses", "ndcg_at_10", "settings"],
     "onnx": ["status"],
     "decoder": ["status"],
+    "decoder_lora": ["status"],
     "not_run": ["multi_gpu", "deepspeed"],
     "steps": [],
 }
