@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -74,6 +75,7 @@ from textcl.training.setup import (
     build_teacher,
     check_distillation_data,
     check_training_options,
+    source_query_prompts,
     reads_teacher_scores,
 )
 from textcl.training.step import StepRunner, optimizer_step
@@ -115,6 +117,9 @@ class Trainer:
         self.precision, why = resolve_precision(args.bf16, torch.device("cpu") if use_cpu else default_device())
         if args.fp16:
             self.precision, why = "fp16", "fp16: true"
+        # accelerate's state is process-wide: a second run in one process (a notebook) may change precision.
+        # The partial state (the process group under a launcher) stays, as transformers' Trainer keeps it.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=use_cpu,
             mixed_precision="no" if self.precision == "fp32" else self.precision,  # not the launch config's
@@ -139,6 +144,8 @@ class Trainer:
                 prompts=self.encoder.prompts, batch_size=args.per_device_train_batch_size, seed=args.seed,
                 drop_last=args.dataloader_drop_last, num_processes=self.accelerator.num_processes,
                 process_index=self.accelerator.process_index, teacher_scores=reads_teacher_scores(config.loss),
+                source_query_prompts=source_query_prompts(config, self.encoder.prompts),
+                prompt_length=None if self.encoder.include_prompt else self.encoder.prompt_length,
             )
         check_distillation_data(config.loss, self.data.num_negatives)
         self.remining = build_remining(config.data, self.data.loader.dataset, self.data.collator,
