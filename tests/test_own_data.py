@@ -128,7 +128,9 @@ def test_every_list_setting_can_be_emptied_and_set_from_the_command_line(name: s
     recipe = ROOT / "recipes" / "pairs.yaml"
     value = {"matryoshka_dims": ["16", "8"], "matryoshka_weights": ["1.0", "0.5"],
              "mining_options": ["num_negatives=3", "min_negatives=0"]}.get(name, ["a", "b"])
-    needs = {"mining_options": ["--mining_rounds", "2"]}.get(name, [])  # a setting only read alongside another
+    # settings read only alongside another, or one per train_data source
+    needs = {"mining_options": ["--mining_rounds", "2"], "source_instructions": ["--train_data", "a.tsv", "b.tsv"]
+             }.get(name, [])
     for spelling in (["none"], ["NONE"], [""]):
         if name == "train_data":  # emptied, the one required list says so
             with pytest.raises(TextclError, match="missing required setting 'train_data'"):
