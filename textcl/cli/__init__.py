@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from textcl import __version__
+from textcl.version import __version__
 from textcl.cli.launch import leave_if_distributed, report_error
 from textcl.cli.quiet import set_library_output
 from textcl.errors import TextclError

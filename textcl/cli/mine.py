@@ -8,7 +8,7 @@ import faiss
 import torch
 import transformers
 
-from textcl import __version__
+from textcl.version import __version__
 from textcl.cli.options import add_encoding_options, cache_dir_of, defaults_of, precision_of
 from textcl.io.corpus import read_corpus
 from textcl.io.pairs import read_pairs

@@ -16,7 +16,6 @@ from textcl.io.sources import check_local_sources, data_sources, hub_dataset
 
 GROUP_NAMES = {"ModelArguments": "model", "DataArguments": "data", "LossArguments": "loss",
                "TrainingArguments": "training"}
-HELP = "train a model from a YAML recipe (also under `accelerate launch -m textcl train`)"
 
 
 def settings_help() -> str:

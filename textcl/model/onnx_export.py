@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from textcl import __version__
+from textcl.version import __version__
 from textcl.errors import TextclError
 from textcl.model.encoder import Encoder
 from textcl.model.location import resolve_model_dir

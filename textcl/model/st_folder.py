@@ -26,7 +26,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from textcl import __version__
+from textcl.version import __version__
 from textcl.errors import TextclError
 from textcl.model.lora import is_adapter, remove_other_format
 

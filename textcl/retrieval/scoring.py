@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from textcl import __version__
+from textcl.version import __version__
 from textcl.errors import TextclError
 from textcl.io.tables import (
     check_output,

@@ -28,7 +28,7 @@ try:
 except ModuleNotFoundError as missing:
     raise TextclError(f"textcl serve needs {missing.name}: pip install \"textcl[serve]\"") from missing
 
-from textcl import __version__
+from textcl.version import __version__
 from textcl.serving.schemas import (
     AddResponse,
     DeleteResponse,

@@ -42,7 +42,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from textcl import __version__
+from textcl.version import __version__
 from textcl.errors import TextclError
 from textcl.io.atomic import fsync_dir, fsync_tree, is_out_of_space, space_error, write_text_atomically
 
@@ -57,7 +57,6 @@ SPACE_FIX = "free some space, then resume with --resume_from_checkpoint latest (
 FORMAT = 1
 # Files some loader would read if they sat in a checkpoint: only those the manifest lists are accepted.
 LOADABLE = {".pkl", ".bin", ".pt", ".pth", ".safetensors", ".distcp", ".metadata"}
-ACCELERATE_RNG = re.compile(r"^random_states_\d+\.pkl$")
 # The files that make a folder look like a model to Encoder.load and sentence-transformers, moved in last.
 MODEL_MARKERS = ("config.json", "adapter_config.json", "modules.json")
 

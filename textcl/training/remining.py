@@ -94,8 +94,6 @@ class Remining:
 
     def __post_init__(self) -> None:
         self.pairs = list(self.negatives)
-        self.collator.row_keys = True
-        self.collator.num_negatives = max(self.collator.num_negatives, self.num_negatives)
 
     @property
     def num_negatives(self) -> int:
@@ -143,4 +141,13 @@ def build_remining(data: DataArguments, rows: Any, collator: ContrastiveCollator
     if any(positive is None for positive in rows["positive"]):
         raise TextclError("remine_steps needs a positive in every row (mining excludes it from the negatives)")
     negatives = {(a, p): list(n) for a, p, n in zip(rows["anchor"], rows["positive"], rows["negatives"])}
-    return Remining(data.remine_steps, negatives, remine_source(data), collator, precision)
+    remining = Remining(data.remine_steps, negatives, remine_source(data), collator, precision)
+    widen_collator(collator, remining.num_negatives)
+    return remining
+
+
+def widen_collator(collator: ContrastiveCollator, num_negatives: int) -> None:
+    """Make `collator` (in place) tag each batch with its rows' keys, which `Remining.apply` looks the current
+    negatives up by, and hold up to `num_negatives` negatives a row (re-mining may find more than the data had)."""
+    collator.row_keys = True
+    collator.num_negatives = max(collator.num_negatives, num_negatives)

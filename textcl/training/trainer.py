@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from textcl import __version__
+from textcl.version import __version__
 from textcl.config import TrainConfig
 from textcl.data.loader import build_training_data
 from textcl.errors import TextclError
@@ -153,11 +153,11 @@ class Trainer:
         self.prepared_loader = self.data.loader if streaming else shard_batches(self.accelerator, self.data.loader)
         self.loss = self.loss.to(self.accelerator.device)
         batches = None if streaming else len(self.prepared_loader)
-        self.max_steps = total_steps(config, batches)
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
+        self.total_steps = total_steps(config, batches)
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.total_steps)
         # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per
         # process, which is right only when the step count was computed for a single process.
-        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, warmup, self.max_steps)
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, warmup, self.total_steps)
         self.position = TrainingPosition()
         self.steps = StepRunner(config, self.model, self.loss, self.accelerator, momentum, guide, teacher)
         # textcl's own state, saved as safetensors + JSON by textcl.training.checkpoint (never as pickles)
@@ -234,7 +234,7 @@ class Trainer:
         """Some weight is NaN or infinite (on any process); such weights are never saved."""
         return any_process(self.accelerator, bool(nonfinite_tensors(self.model)))
 
-    def gradients(self) -> Any:
+    def clip_gradients(self) -> Any:
         """The gradient norm after clipping to max_grad_norm (when set); None under fp16, whose gradient scaler
         skips overflowing steps itself."""
         max_norm = self.config.training.max_grad_norm
@@ -275,9 +275,9 @@ class Trainer:
                 print("textcl: evaluating the base model (step 0)", file=sys.stderr)
             self.log({"step": 0, **self.evaluate()})
         self.model.train()  # from_pretrained returns eval mode: no dropout, so no SimCSE positives
-        bar = tqdm(total=self.max_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
+        bar = tqdm(total=self.total_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
         started, samples = time.perf_counter(), 0
-        while position.step < self.max_steps:
+        while position.step < self.total_steps:
             self.start_epoch(position.epoch)
             loader = self.prepared_loader
             if position.batches_in_epoch:
@@ -286,7 +286,7 @@ class Trainer:
                 with accelerator.accumulate(self.model):
                     loss = self.steps.backward(batch)
                     finite = not accelerator.sync_gradients or not any_process(
-                        accelerator, not step_is_finite(loss, self.gradients()))
+                        accelerator, not step_is_finite(loss, self.clip_gradients()))
                     # a non-finite step's gradients are discarded (see textcl.training.guards); an fp16
                     # overflow is skipped by the gradient scaler itself
                     stepped = finite and optimizer_step(accelerator, self.optimizer)
@@ -300,11 +300,11 @@ class Trainer:
                 loss = self.steps.end_step(skipped=not stepped)
                 if not self.guard.observe(position.step + 1, finite) and accelerator.is_main_process:
                     tqdm.write(f"textcl: warning: step {position.step + 1}: non-finite loss or gradient; update "
-                               f"skipped ({len(self.guard.streak)} of {self.guard.max_steps} in a row stop the run)",
+                               f"skipped ({len(self.guard.streak)} of {self.guard.max_nonfinite_steps} in a row stop the run)",
                                file=sys.stderr)
                 position.step += 1
                 bar.update(1)
-                if position.step % args.logging_steps == 0 or position.step == self.max_steps:
+                if position.step % args.logging_steps == 0 or position.step == self.total_steps:
                     rate = samples / (time.perf_counter() - started)
                     record = {"step": position.step, "epoch": position.epoch, "loss": loss,
                               "learning_rate": self.scheduler.get_last_lr()[0], "samples_per_second": rate}
@@ -312,10 +312,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
                                     sps=f"{rate:.1f}")
                     self.log(record)
-                if len(self.guard.streak) >= self.guard.max_steps:
+                if len(self.guard.streak) >= self.guard.max_nonfinite_steps:
                     bar.close()
                     self.guard.raise_if_diverged()
-                if self.remining is not None and self.remining.due(position.step) and position.step < self.max_steps:
+                if self.remining is not None and self.remining.due(position.step) and position.step < self.total_steps:
                     encoder = evaluation_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
                     self.log({"step": position.step, **self.remining.remine(encoder)})
                 if args.eval_steps and position.step % args.eval_steps == 0:
@@ -324,7 +324,7 @@ class Trainer:
                     self.keep_best(metrics)
                 if args.save_steps and position.step % args.save_steps == 0:
                     self.checkpoint()
-                if position.step >= self.max_steps:
+                if position.step >= self.total_steps:
                     break
             else:
                 position.epoch += 1
@@ -437,6 +437,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     with lock if first_process else contextlib.nullcontext():
         with collective_failures(lambda: 0, config.training.ddp_timeout):  # another process failed setting up
             trainer = Trainer(config)
-        with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps),
+        with collective_failures(lambda: min(trainer.position.step + 1, trainer.total_steps),
                                  config.training.ddp_timeout):
             return trainer.train()
