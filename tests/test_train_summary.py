@@ -14,6 +14,7 @@ from conftest import SENTENCES
 
 from textcl import Encoder, evaluate
 from textcl.cli import main
+from textcl.evaluation.evaluators import RetrievalEvaluator, STSEvaluator
 from textcl.training.summary import base_evaluation, run_warnings, summary_lines, worse_than_base
 
 
@@ -80,6 +81,9 @@ def test_json_flag_prints_the_metrics(tiny_model_dir: Path, data: dict[str, Path
     assert records[0]["step"] == 1
 
 
+EVALUATORS = (STSEvaluator(("sts.tsv",)), RetrievalEvaluator("beir-folder"))
+
+
 def records_of(before: float, after_loss: float = 0.5) -> list[dict]:
     return [{"step": 0, "sts": {"spearman": before}},
             *({"step": s, "loss": after_loss, "uniformity": -2.0} for s in range(1, 6))]
@@ -87,25 +91,26 @@ def records_of(before: float, after_loss: float = 0.5) -> list[dict]:
 
 def test_worse_than_base_warning_fires_only_on_a_drop() -> None:
     records = records_of(0.80)
-    assert base_evaluation(records) == {"sts": {"spearman": 0.80}}
-    worse = run_warnings(records, 32, {"sts": {"spearman": 0.70}})
+    assert base_evaluation(records, EVALUATORS) == {"sts": {"spearman": 0.80}}
+    worse = run_warnings(records, 32, {"sts": {"spearman": 0.70}}, EVALUATORS)
     assert len(worse) == 1 and "sts.spearman fell from 0.8000 (base model) to 0.7000" in worse[0]
-    assert run_warnings(records, 32, {"sts": {"spearman": 0.85}}) == []
-    assert run_warnings(records, 32, {"sts": {"spearman": 0.80}}) == []
-    retrieval = worse_than_base({"retrieval": {"ndcg@1": 0.5, "ndcg@10": 0.6}}, {"retrieval": {"ndcg@10": 0.4}})
+    assert run_warnings(records, 32, {"sts": {"spearman": 0.85}}, EVALUATORS) == []
+    assert run_warnings(records, 32, {"sts": {"spearman": 0.80}}, EVALUATORS) == []
+    retrieval = worse_than_base({"retrieval": {"ndcg@1": 0.5, "ndcg@10": 0.6}}, {"retrieval": {"ndcg@10": 0.4}},
+                                EVALUATORS)
     assert len(retrieval) == 1 and "retrieval.ndcg@10" in retrieval[0]
 
 
 def test_collapse_is_warned_in_the_summary_warnings() -> None:
     collapsed = [{"step": s, "loss": math.log(32), "uniformity": -0.001} for s in range(1, 9)]
-    warnings = run_warnings(collapsed, 32, {})
+    warnings = run_warnings(collapsed, 32, {}, EVALUATORS)
     assert len(warnings) == 1 and "collapsed" in warnings[0]
 
 
 def test_summary_without_a_base_evaluation_shows_the_final_one() -> None:
     lines = summary_lines("out", [{"step": 2, "loss": 1.5}, {"step": 2, "train_runtime": 75.0,
                                                               "train_samples_per_second": 3.0}],
-                          {"retrieval": {"ndcg@10": 0.25}})
+                          {"retrieval": {"ndcg@10": 0.25}}, EVALUATORS)
     assert lines == ["textcl: model saved to out (metrics.jsonl and textcl.json beside it)",
                      "  2 steps in 1m 15s (3.0 samples/s)", "  final loss 1.5000 (first logged 1.5000)",
                      "  retrieval.ndcg@10: 0.2500"]

@@ -249,6 +249,8 @@ REQUIRED = ("model_name_or_path", "train_data", "output_dir")
 DEPRECATED_KEYS = {"passage_max_length": "document_max_length"}
 MISSING_POSITIVE = ("error", "drop", "dropout")
 DISTILL_LOSSES = ("none", "kl", "margin_mse", "mse")
+TEACHER_SCORE_LOSSES = ("kl", "margin_mse")  # read the teacher scores that came with the data
+AUGMENTATIONS = ("word_deletion", "span_crop", "word_repetition")
 LIST_FIELDS = {f.name for part in PARTS for f in dataclasses.fields(part) if str(f.type).startswith("list")}
 
 
@@ -272,7 +274,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
-    """Recipe values, then `--key value` overrides, into a validated TrainConfig."""
+    """Recipe values, then `--key value` overrides, into a TrainConfig: known keys, typed values, the required
+    settings present. The rules between settings are checked by `textcl.training.plan.check_config`."""
     recipe = {renamed(key): value for key, value in recipe.items()}
     overrides = [f"--{renamed(item[2:])}" if item.startswith("--") else item for item in overrides]
     for key in recipe:
@@ -290,47 +293,7 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
     missing = [key for key in REQUIRED if not values[key]]
     if missing:
         raise TextclError(f"missing required setting {missing[0]!r}: add it to the recipe or pass --{missing[0]}")
-    if config.training.metric_for_best_model and not (config.data.eval_sts or config.data.eval_beir):
-        raise TextclError("metric_for_best_model needs eval_sts or eval_beir to evaluate on")
-    if config.training.bf16 == "true" and config.training.fp16:
-        raise TextclError("bf16 and fp16 are both set; choose one")
-    if config.data.missing_positive not in MISSING_POSITIVE:
-        raise TextclError(f"missing_positive {config.data.missing_positive!r}: use one of {', '.join(MISSING_POSITIVE)}")
-    if config.training.max_nonfinite_steps < 1:
-        raise TextclError("max_nonfinite_steps must be at least 1 (1 stops at the first non-finite step)")
-    if config.model.lora_merge and not config.model.lora:
-        raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
-    check_distillation(config.loss)
-    check_remining(config)
     return config
-
-
-def check_remining(config: TrainConfig) -> None:
-    """remine_steps needs one map-style source, and no teacher scores (they belong to the negatives it replaces)."""
-    data = config.data
-    if data.remine_steps < 0:
-        raise TextclError("remine_steps must be >= 0 (0: off)")
-    if not data.remine_steps:
-        return
-    if data.streaming or len(data.train_data) != 1:
-        raise TextclError("remine_steps re-mines one train_data source (a BEIR folder or a file written by `textcl "
-                          "mine`), not streamed: set streaming: false and one train_data")
-    if config.loss.distill_loss in ("kl", "margin_mse"):
-        raise TextclError(f"remine_steps replaces the negatives whose teacher scores distill_loss "
-                          f"{config.loss.distill_loss} reads; use distill_loss mse or none with remine_steps")
-
-
-def check_distillation(loss: LossArguments) -> None:
-    """The distill_* settings and teacher_model agree (whether the data has teacher scores is checked when it is read)."""
-    if loss.distill_loss not in DISTILL_LOSSES:
-        raise TextclError(f"distill_loss {loss.distill_loss!r}: use one of {', '.join(DISTILL_LOSSES)}")
-    if loss.distill_loss == "mse" and not loss.teacher_model:
-        raise TextclError("distill_loss mse matches a teacher's embeddings: set teacher_model (a model folder or Hub id)")
-    if loss.teacher_model and loss.distill_loss != "mse":
-        raise TextclError("teacher_model is read by distill_loss mse only (kl and margin_mse read the teacher's scores "
-                          "from the data: `textcl score`); set distill_loss: mse or drop teacher_model")
-    if not loss.distill_weight > 0 or not loss.distill_temperature > 0:
-        raise TextclError("distill_weight and distill_temperature must be > 0")
 
 
 def bf16_setting(value: object) -> str:

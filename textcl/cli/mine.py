@@ -8,7 +8,6 @@ import faiss
 import torch
 import transformers
 
-from textcl.version import __version__
 from textcl.cli.options import add_encoding_options, cache_dir_of, defaults_of, precision_of
 from textcl.io.corpus import read_corpus
 from textcl.io.pairs import read_pairs
@@ -16,6 +15,7 @@ from textcl.io.tables import check_output, negative_column_names, provenance_pat
 from textcl.model.encoder import Encoder
 from textcl.retrieval.mining import SAMPLING, check_options, mine_hard_negatives
 from textcl.retrieval.scoring import load_teacher, score_table
+from textcl.version import __version__
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,9 @@ import dataclasses
 import json
 
 from textcl.cli.launch import launch_training, leave_if_distributed
-from textcl.config import PARTS, TrainConfig, load_config
-from textcl.io.sources import check_local_sources, data_sources, hub_dataset
+from textcl.config import PARTS, DataArguments, load_config
+from textcl.io.sources import data_sources, hub_dataset
+from textcl.training.plan import plan_run
 
 GROUP_NAMES = {"ModelArguments": "model", "DataArguments": "data", "LossArguments": "loss",
                "TrainingArguments": "training"}
@@ -46,12 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(takes_overrides=True)
 
 
-def check_hub_sources(config: TrainConfig) -> None:
+def check_hub_sources(data: DataArguments) -> None:
     """Load each Hub dataset of the run now (downloaded once, then read from the cache by the trainer), so an id
     that cannot be reached fails before the model loads."""
     from textcl.io.tables import load_table  # datasets: only when a Hub id is used
 
-    data = config.data
     for setting, source in data_sources(data):
         if setting != "eval_beir" and hub_dataset(source) is not None:
             split = data.train_split if setting == "train_data" else "test"
@@ -61,15 +61,14 @@ def check_hub_sources(config: TrainConfig) -> None:
 def run(args: argparse.Namespace) -> int | None:
     overrides = list(args.overrides)
     recipe = overrides.pop(0) if overrides and not overrides[0].startswith("-") else None
-    config = load_config(recipe, overrides)
-    check_local_sources(data_sources(config.data), recipe)
-    check_hub_sources(config)
+    plan = plan_run(load_config(recipe, overrides), recipe)  # every check the config alone allows
+    check_hub_sources(plan.config.data)
     if args.num_processes is not None:
         return launch_training(args.num_processes, [*args.overrides, *(["--json"] if args.json else [])],
                                getattr(args, "verbose", False))
     from textcl.training.trainer import train  # torch, accelerate, transformers: after the cheap checks
 
-    metrics = train(config)
+    metrics = train(plan)
     if metrics and args.json:
         print(json.dumps(metrics, indent=2))
     leave_if_distributed(0)  # under a launcher: without gloo's destructors, which can hang

@@ -9,6 +9,7 @@ Every statement comes from the run's config and what its batches held; nothing e
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ class TrainingRun:
     best_step: int | None = None  # the kept model's step when metric_for_best_model chose it
     dropout_positives: bool = False  # some rows were their own positive (two dropout masks)
     hard_negatives: bool = False  # rows carried hard negatives
+    # the run's evaluators (`textcl.evaluation.evaluators`: name, primary_metric, greater_is_better), whose
+    # headline figures the card states first
+    headlines: Sequence[Any] = ()
 
     @property
     def sources(self) -> list[str]:
@@ -228,6 +232,14 @@ def describe_evaluation(run: TrainingRun) -> str:
     when = (f"the kept model (step {run.best_step}, the best by `{run.config.training.metric_for_best_model}`)"
             if run.best_step is not None else f"the final model (step {run.steps})")
     lines = [f"## Evaluation\n\nMeasured by textcl on {when}; cosine similarity.\n"]
+    for evaluator in run.headlines:
+        value = metrics.get(evaluator.name, {}).get(evaluator.primary_metric)
+        if isinstance(value, (int, float)):
+            better = "higher" if evaluator.greater_is_better else "lower"
+            lines.append(f"- **{evaluator.name}** (headline `{evaluator.primary_metric}`, {better} is better): "
+                         f"{value:.4f}")
+    if run.headlines and len(lines) > 1:
+        lines.append("")
     if "sts" in metrics:
         lines += ["| STS file | Spearman | Pearson | Pairs |", "|---|---|---|---|"]
         for path, f in metrics["sts"]["files"].items():

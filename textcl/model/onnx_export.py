@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from textcl.version import __version__
 from textcl.errors import TextclError
 from textcl.model.encoder import Encoder
 from textcl.model.location import resolve_model_dir
 from textcl.model.lora import is_adapter, merged
 from textcl.model.onnx_files import INT8_FILE, MODEL_FILE, ONNX_DIR, weights_digest
+from textcl.version import __version__
 
 logger = logging.getLogger(__name__)
 

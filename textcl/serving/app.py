@@ -28,7 +28,6 @@ try:
 except ModuleNotFoundError as missing:
     raise TextclError(f"textcl serve needs {missing.name}: pip install \"textcl[serve]\"") from missing
 
-from textcl.version import __version__
 from textcl.serving.schemas import (
     AddResponse,
     DeleteResponse,
@@ -42,6 +41,7 @@ from textcl.serving.schemas import (
 )
 from textcl.serving.service import SearchService
 from textcl.serving.store import DuplicateIdError, NotRemovableError, UnknownIdError
+from textcl.version import __version__
 
 PAGE = files("textcl.serving").joinpath("page.html").read_text(encoding="utf-8")
 STATUS_OF = {DuplicateIdError: 409, NotRemovableError: 409, UnknownIdError: 404}
