@@ -14,8 +14,10 @@ from conftest import SENTENCES
 
 from textcl import Encoder, evaluate
 from textcl.cli import main
+from textcl.config import load_config
 from textcl.evaluation.evaluators import RetrievalEvaluator, STSEvaluator
 from textcl.training.summary import base_evaluation, run_warnings, summary_lines, worse_than_base
+from textcl.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,28 @@ def test_summary_without_a_base_evaluation_shows_the_final_one() -> None:
     assert lines == ["textcl: model saved to out (metrics.jsonl and textcl.json beside it)",
                      "  2 steps in 1m 15s (3.0 samples/s)", "  final loss 1.5000 (first logged 1.5000)",
                      "  retrieval.ndcg@10: 0.2500"]
+
+
+def test_an_action_added_from_python_runs_after_every_step_and_the_best_model_follows_the_headline(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """`train(config, actions=[...])` calls each action after every optimizer step, after the run's own (the
+    step's loss is logged by then); `metric_for_best_model: sts` keeps the model with the best STS headline
+    (Spearman), and the card names that model and its headline."""
+    seen = []
+
+    class Record:
+        def on_step_end(self, trainer) -> None:
+            seen.append((trainer.position.step, trainer.last_loss))
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, data, eval_sts=[str(data["sts"])], eval_steps=1,
+                          metric_for_best_model="sts")
+    train(load_config(str(recipe), []), actions=[Record()])
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in seen] == [1, 2, 3]
+    assert [loss for _, loss in seen] == pytest.approx([r["loss"] for r in records if "loss" in r])
+    evaluations = {r["step"]: r["sts"]["spearman"] for r in records if "sts" in r and r["step"] > 0}
+    best = max(evaluations, key=evaluations.get)  # the first of equal values: only a strict gain replaces it
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"the kept model (step {best}, the best by `sts`)" in card
+    assert f"**sts** (headline `spearman`, higher is better): {evaluations[best]:.4f}" in card

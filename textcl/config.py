@@ -209,7 +209,8 @@ class TrainingArguments:
         default=None, metadata={"help": "Evaluate every N steps (and always at the end; the base model at step 0)."}
     )
     metric_for_best_model: str | None = field(
-        default=None, metadata={"help": "e.g. sts.spearman or retrieval.ndcg@10; keeps the best model."}
+        default=None, metadata={"help": "Keep the best model by sts or retrieval (their headline: Spearman, "
+                                 "nDCG@10) or by one figure, e.g. retrieval.recall@100."}
     )
     greater_is_better: bool = field(default=True, metadata={"help": "metric_for_best_model improves upwards."})
     save_steps: int | None = field(default=None, metadata={"help": "Write a checkpoint every N steps."})
