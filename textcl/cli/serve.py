@@ -45,11 +45,6 @@ def run(args: argparse.Namespace) -> None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise TextclError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
-    for name in ("max_batch_size", "snapshot_every", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            raise TextclError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.batch_wait_ms < 0:
-        raise TextclError(f"--batch_wait_ms must not be negative, got {args.batch_wait_ms}")
     settings = ServeSettings(args.host, args.port, args.max_batch_size, args.batch_wait_ms, args.max_body_bytes,
                              args.snapshot_every)
     serve(args.index, settings, corpus=args.corpus, out=args.out, device=args.device, api_key=api_key,

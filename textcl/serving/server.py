@@ -38,6 +38,14 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     snapshot_every: int = 1000  # writes between snapshots of the whole index (the log holds them meanwhile)
 
+    def __post_init__(self) -> None:
+        """One line naming the setting when a limit is out of range (the CLI's --options share these names)."""
+        for name in ("max_batch_size", "snapshot_every", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise TextclError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise TextclError(f"batch_wait_ms must not be negative, got {self.batch_wait_ms}")
+
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port, opened before the model loads so a taken port fails at once and

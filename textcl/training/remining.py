@@ -26,9 +26,10 @@ from textcl.data.collator import ContrastiveCollator
 from textcl.errors import TextclError
 from textcl.io.corpus import read_corpus
 from textcl.io.pairs import read_pairs
-from textcl.io.tables import provenance_path, read_provenance
+from textcl.io.tables import provenance_path
 from textcl.model.encoder import Encoder
 from textcl.retrieval.mining import mine_hard_negatives
+from textcl.retrieval.mining_record import MiningRecord
 
 # The mining settings a sidecar records that `mine_hard_negatives` takes again.
 MINING_SETTINGS = ("num_negatives", "range_min", "range_max", "max_score_ratio", "margin", "sampling", "factory",
@@ -44,14 +45,6 @@ class RemineSource:
     settings: dict[str, Any]
 
 
-def existing(path: str, relative_to: Path) -> str:
-    """`path` as recorded, else relative to the folder of the file that recorded it."""
-    if Path(path).exists():
-        return path
-    beside = relative_to / path
-    return str(beside) if beside.exists() else path
-
-
 def remine_source(data: DataArguments) -> RemineSource:
     """The corpus and mining settings of the run's one `train_data` source: a BEIR folder (its corpus, mining's
     defaults) or a table written by `textcl mine` (the data, corpus and settings its sidecar records)."""
@@ -60,18 +53,16 @@ def remine_source(data: DataArguments) -> RemineSource:
     if Path(source).is_dir():
         corpus = read_pairs(source, data.train_split)[2]
     else:
-        record = read_provenance(source)
-        if record is None or record.get("command") != "mine" or not record.get("data"):
+        record = MiningRecord.read(source)
+        if record is None:
             raise TextclError(f"remine_steps needs a BEIR folder or a file written by `textcl mine` (its sidecar "
                               f"{provenance_path(source).name} names the corpus); {source!r} has none")
-        folder = Path(source).parent
-        mined_from = existing(record["data"], folder)
-        if record.get("corpus"):
-            corpus = read_corpus(existing(record["corpus"], folder))[1]
+        if record.corpus:
+            corpus = read_corpus(record.corpus)[1]
         else:  # the default corpus of `textcl mine`: a BEIR folder's corpus, else every positive of the pairs
-            _, positives, corpus = read_pairs(mined_from, record.get("split") or "train")
+            _, positives, corpus = read_pairs(record.data, record.split or "train")
             corpus = corpus or list(dict.fromkeys(positives))
-        settings = {key: record["settings"][key] for key in MINING_SETTINGS if key in record.get("settings", {})}
+        settings = {key: record.settings[key] for key in MINING_SETTINGS if key in record.settings}
     if data.num_negatives is not None:
         settings["num_negatives"] = data.num_negatives
     settings.setdefault("num_negatives", DEFAULT_NUM_NEGATIVES)
