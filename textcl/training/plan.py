@@ -20,7 +20,7 @@ No function outside the plan, the trainer and the CLI takes the whole `TrainConf
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +136,7 @@ class RunPlan:
         check_launch(self.config, launch)
         chosen = self.config.training.forward_chunk_size
         forward = chosen if chosen is not None else (32 if launch.device_type == "cpu" else 0)
-        return RunPlan(self.config, StepOptions(**{**self.step.__dict__, "forward_chunk_size": forward}),
-                       self.schedule, self.evaluation, self.output, self.reads_teacher_scores)
+        return replace(self, step=replace(self.step, forward_chunk_size=forward))
 
 
 def reads_teacher_scores(loss: LossArguments) -> bool:
@@ -184,7 +183,7 @@ def check_config(config: TrainConfig, recipe: str | None = None) -> None:
         raise TextclError("streaming data has no length: set max_steps")
     unknown = set(data.augment) - set(AUGMENTATIONS)
     if unknown:
-        raise TextclError(f"unknown augmentation {sorted(unknown)[0]!r}; valid: {', '.join(AUGMENTATIONS)}")
+        raise TextclError(f"unknown augmentation {min(unknown)!r}; valid: {', '.join(AUGMENTATIONS)}")
     if data.batch_per_source and data.streaming:
         raise TextclError("batch_per_source needs map-style data: set streaming: false")
     check_distillation(config.loss)
