@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import json
 
-from textcl.cli.launch import launch_training, leave_if_distributed
+from textcl.cli.launch import follow_launcher, launch_training, leave_if_distributed
 from textcl.config import PARTS, DataArguments, load_config
 from textcl.io.sources import data_sources, hub_dataset
 from textcl.training.plan import plan_run
@@ -59,6 +59,7 @@ def check_hub_sources(data: DataArguments) -> None:
 
 
 def run(args: argparse.Namespace) -> int | None:
+    follow_launcher()  # a child of a launcher dies with it, before anything is loaded
     overrides = list(args.overrides)
     recipe = overrides.pop(0) if overrides and not overrides[0].startswith("-") else None
     plan = plan_run(load_config(recipe, overrides), recipe)  # every check the config alone allows

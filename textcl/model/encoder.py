@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from textcl.errors import TextclError
 from textcl.model.device import resolve_device
+from textcl.model.fit import check_vocabulary, fit_length, position_limit
 from textcl.model.location import resolve_model_dir
 from textcl.model.lora import is_adapter_folder, load_adapter_model
 from textcl.model.onnx_backend import OnnxEncoder
@@ -96,6 +97,11 @@ class Encoder(nn.Module):
         return next(self.model.parameters()).device
 
     @property
+    def position_limit(self) -> int:
+        """The most tokens the model takes (a length asked beyond it is cut there; see textcl.model.fit)."""
+        return position_limit(self.model.config.to_dict()) or 1 << 30
+
+    @property
     def name_or_path(self) -> str:
         """Where the transformers model was loaded from (what a search index records as its model)."""
         return self.model.name_or_path
@@ -160,6 +166,9 @@ class Encoder(nn.Module):
             spec["max_seq_length"] = default_max_length(model, tokenizer)
         overrides = {"pooling": pooling, "normalize": normalize, "max_seq_length": max_seq_length, "prompts": prompts}
         spec.update({key: value for key, value in overrides.items() if value is not None})
+        config = model.config.to_dict()
+        check_vocabulary(tokenizer, config, root)
+        spec["max_seq_length"] = fit_length(spec["max_seq_length"], config, root)
         return cls(model, tokenizer, mlp_head=mlp_head, **spec).to(device)
 
     def save(self, path: str | Path, model_card: Callable[[Encoder, Path], None] | None = None) -> None:
@@ -182,7 +191,7 @@ class Encoder(nn.Module):
                 list(texts),
                 padding=True,
                 truncation=True,
-                max_length=max_length or self.max_seq_length,
+                max_length=min(max_length or self.max_seq_length, self.position_limit),
                 return_tensors="pt",
             )
         )
@@ -243,7 +252,7 @@ class Encoder(nn.Module):
         dim = truncate_dim or self.dim
         out = torch.empty(len(texts), dim, dtype=torch.float32)
         if texts:
-            max_length = max_seq_length or self.max_seq_length
+            max_length = min(max_seq_length or self.max_seq_length, self.position_limit)
             encoded = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
             lengths = np.array([len(ids) for ids in encoded["input_ids"]])
             order = np.argsort(-lengths, kind="stable")

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from textcl.errors import TextclError
 from textcl.model.location import resolve_model_dir
-from textcl.model.onnx_files import MODEL_FILE, ONNX_DIR, weights_digest
+from textcl.model.fit import check_vocabulary, fit_length, position_limit
+from textcl.model.onnx_files import MODEL_FILE, ONNX_DIR, check_file_digest, weights_digest
 from textcl.model.text_inputs import ENCODE_BATCH_SIZE, pad_arrays, resolve_prompt
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class OnnxEncoder:
     dim: int
     max_seq_length: int
     prompts: dict[str, str]
+    position_limit: int  # the most tokens the graph's model takes (textcl.model.fit)
     backend: ClassVar[str] = "onnx"
 
     @property
@@ -111,6 +113,7 @@ class OnnxEncoder:
 
         folder = resolve_model_dir(model_name_or_path, revision)
         path = find_onnx_file(folder, onnx_file)
+        check_file_digest(path)
         try:
             session = onnxruntime.InferenceSession(str(path), providers=session_providers(device))
         except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own Fail/InvalidGraph types
@@ -120,13 +123,13 @@ class OnnxEncoder:
         if "sentence_embedding" not in outputs or "textcl_pooling" not in meta:
             raise TextclError(
                 f"{path} was not written by `textcl export` (its outputs are {', '.join(outputs)}, without pooling); "
-                f"run `textcl export {folder}`"
+                f"run `textcl export {folder} --overwrite`"
             )
         recorded, current = meta.get("textcl_weights_sha256"), weights_digest(folder)
         if recorded and current and recorded != current:
             raise TextclError(
                 f"{path} is stale: the weights in {folder} changed after it was exported; "
-                f"run `textcl export {folder}` again"
+                f"run `textcl export {folder} --overwrite`"
             )
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -135,9 +138,12 @@ class OnnxEncoder:
         saved_length, saved_prompts = folder_settings(folder)
         tokenizer_length = getattr(tokenizer, "model_max_length", 0)
         default_length = saved_length or (tokenizer_length if 0 < tokenizer_length < 100_000 else 512)
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        check_vocabulary(tokenizer, config, folder)
         return cls(
             session, tokenizer, path, folder, meta["textcl_pooling"], json.loads(meta["textcl_normalize"]),
-            int(meta["textcl_dim"]), max_seq_length or default_length, dict(prompts or saved_prompts),
+            int(meta["textcl_dim"]), fit_length(max_seq_length or default_length, config, folder),
+            dict(prompts or saved_prompts), position_limit(config) or 1 << 30,
         )
 
     def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str:
@@ -182,7 +188,7 @@ class OnnxEncoder:
         dim = truncate_dim or self.dim
         out = np.empty((len(texts), dim), dtype=np.float32)
         if texts:
-            encoded = self.tokenizer(texts, truncation=True, max_length=max_seq_length or self.max_seq_length,
+            encoded = self.tokenizer(texts, truncation=True, max_length=min(max_seq_length or self.max_seq_length, self.position_limit),
                                      padding=False)
             lengths = np.array([len(ids) for ids in encoded["input_ids"]])
             order = np.argsort(-lengths, kind="stable")
