@@ -12,6 +12,7 @@ import json
 
 from textcl.cli.launch import follow_launcher, launch_training, leave_if_distributed
 from textcl.config import PARTS, DataArguments, load_config
+from textcl.errors import TextclError
 from textcl.io.sources import data_sources, hub_dataset
 from textcl.training.plan import plan_run
 
@@ -65,9 +66,11 @@ def run(args: argparse.Namespace) -> int | None:
     plan = plan_run(load_config(recipe, overrides), recipe)  # every check the config alone allows
     check_hub_sources(plan.config.data)
     if args.num_processes is not None:
+        if plan.config.data.mining_rounds:
+            raise TextclError("mining_rounds run in one process for now; drop --num_processes")
         return launch_training(args.num_processes, [*args.overrides, *(["--json"] if args.json else [])],
                                getattr(args, "verbose", False))
-    from textcl.training.trainer import train  # torch, accelerate, transformers: after the cheap checks
+    from textcl.training.rounds import train  # torch, accelerate, transformers: after the cheap checks
 
     metrics = train(plan)
     if metrics and args.json:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from textcl.evaluation.retrieval_metrics import retrieval_metrics
-from textcl.io.beir import doc_text, load_beir
+from textcl.io.beir import BeirData, doc_text, load_beir
 from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
 from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus
 from textcl.retrieval.exact_search import exact_search
@@ -46,9 +46,41 @@ def evaluate_retrieval(
     """
     check_quantization(quantize, rescore, encoder.dim)
     data = load_beir(beir_dir, split, allow_missing=allow_missing)
+    run = dense_run(
+        encoder, data, max(k_values), query_prompt_name=query_prompt_name, document_prompt_name=document_prompt_name,
+        query_max_length=query_max_length, document_max_length=document_max_length, batch_size=batch_size,
+        precision=precision, cache_dir=cache_dir, show_progress_bar=show_progress_bar, quantize=quantize,
+        rescore=rescore,
+    )
+    return retrieval_metrics(data.qrels, run, k_values) | {"n_docs": len(data.corpus)}
+
+
+def judged_queries(data: BeirData) -> list[str]:
+    """The queries of a split with at least one relevant document, in qrels order."""
+    return [query_id for query_id, relevance in data.qrels.items() if max(relevance.values()) >= 1]
+
+
+def dense_run(
+    encoder: Encoder,
+    data: BeirData,
+    depth: int,
+    query_prompt_name: str | None = None,
+    document_prompt_name: str | None = None,
+    query_max_length: int | None = None,
+    document_max_length: int | None = None,
+    batch_size: int = ENCODE_BATCH_SIZE,
+    precision: str = "fp32",
+    cache_dir: str | Path | None = None,
+    show_progress_bar: bool = False,
+    quantize: str | None = None,
+    rescore: int = 0,
+) -> dict[str, dict[str, float]]:
+    """query id -> {doc id: score} of the top `depth` documents of each judged query of `data` (exact search,
+    or a quantized index with `quantize`); the options are `evaluate_retrieval`'s."""
     doc_ids = list(data.corpus)
-    query_ids = [query_id for query_id, relevance in data.qrels.items() if max(relevance.values()) >= 1]
-    options = dict(batch_size=batch_size, precision=precision, cache_dir=cache_dir, show_progress_bar=show_progress_bar)
+    query_ids = judged_queries(data)
+    options = {"batch_size": batch_size, "precision": precision, "cache_dir": cache_dir,
+               "show_progress_bar": show_progress_bar}
     queries = encode_corpus(
         encoder,
         [data.queries[query_id] for query_id in query_ids],
@@ -63,7 +95,6 @@ def evaluate_retrieval(
         max_seq_length=document_max_length,
         **options,
     )
-    depth = max(k_values)
     if depth > len(doc_ids):
         logger.warning("k=%d is larger than the corpus (%d documents); ranking all of them", depth, len(doc_ids))
     run = {}
@@ -75,4 +106,4 @@ def evaluate_retrieval(
             scores, indices = exact_search(queries, docs, depth)
         for query_id, row_scores, row_indices in zip(query_ids, scores.tolist(), indices.tolist()):
             run[query_id] = {doc_ids[i]: score for score, i in zip(row_scores, row_indices) if i >= 0}
-    return retrieval_metrics(data.qrels, run, k_values) | {"n_docs": len(doc_ids)}
+    return run

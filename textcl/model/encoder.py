@@ -22,15 +22,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from textcl.errors import TextclError
+from textcl.model.decoder import is_decoder, prepare_decoder
 from textcl.model.device import resolve_device
 from textcl.model.fit import check_vocabulary, fit_length, position_limit
 from textcl.model.location import resolve_model_dir
 from textcl.model.lora import is_adapter_folder, load_adapter_model
 from textcl.model.onnx_backend import OnnxEncoder
-from textcl.model.pooling import check_pooling_mode, pool
+from textcl.model.pooling import check_pooling_mode, exclude_prompt, pool
 from textcl.model.precision import autocast
 from textcl.model.st_folder import read_st_folder, write_st_folder
-from textcl.model.text_inputs import ENCODE_BATCH_SIZE, pad_arrays, resolve_prompt
+from textcl.model.text_inputs import ENCODE_BATCH_SIZE, pad_arrays, prompt_token_count, resolve_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Encoder(nn.Module):
         dense: optional projection `[hidden] -> [dim]` exported with the model (sentence-transformers' Dense).
         dense_activation: "tanh" (sentence-transformers' default) or "identity".
         mlp_head: add SimCSE's Linear+Tanh head, applied only while training and never exported.
+        include_prompt: pool over a prompt's tokens too; False leaves them out (sentence-transformers'
+            `Pooling(include_prompt=False)`): `embed` then takes each row's `prompt_length`.
     """
 
     backend = "torch"  # `OnnxEncoder.backend` is "onnx"; a search index records which built it
@@ -66,6 +69,7 @@ class Encoder(nn.Module):
         dense: nn.Linear | None = None,
         dense_activation: str = "tanh",
         mlp_head: bool = False,
+        include_prompt: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -74,6 +78,7 @@ class Encoder(nn.Module):
         self.normalize = normalize
         self.max_seq_length = max_seq_length
         self.prompts = dict(prompts or {})
+        self.include_prompt = include_prompt
         self.dense = dense
         self.dense_activation = dense_activation
         self.activation = DENSE_ACTIVATIONS[dense_activation]()
@@ -162,6 +167,8 @@ class Encoder(nn.Module):
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
             raise TextclError(f"could not load the transformers model in {str(transformer_dir)!r}: {reason}") from error
+        if is_decoder(model):
+            prepare_decoder(model, tokenizer)
         if "max_seq_length" not in spec:
             spec["max_seq_length"] = default_max_length(model, tokenizer)
         overrides = {"pooling": pooling, "normalize": normalize, "max_seq_length": max_seq_length, "prompts": prompts}
@@ -202,10 +209,24 @@ class Encoder(nn.Module):
         weights' own precision)."""
         return self.embed(input_ids, attention_mask, **inputs)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
-        """Tokenized batch `[batch, seq]` -> embeddings `[batch, dim]` (MLP head included while training)."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_length: int | torch.Tensor | None = None,
+        **inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Tokenized batch `[batch, seq]` -> embeddings `[batch, dim]` (MLP head included while training).
+        `prompt_length` (an int or `[batch]`): the prompt's tokens at the start of each row, left out of pooling
+        when `include_prompt` is False."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        if prompt_length is not None and not self.include_prompt:
+            attention_mask = exclude_prompt(attention_mask, prompt_length)
         return self.head(hidden, attention_mask)
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens `prompt` takes at the start of a text (`text_inputs.prompt_token_count`)."""
+        return prompt_token_count(self.tokenizer, prompt)
 
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token embeddings `[batch, seq, hidden]` -> embeddings `[batch, dim]`: pooling, Dense, MLP head (training
@@ -249,6 +270,7 @@ class Encoder(nn.Module):
         prefix = self.resolve_prompt(prompt, prompt_name)
         if prefix:
             texts = [prefix + text for text in texts]
+        prompt_length = None if self.include_prompt else self.prompt_length(prefix)
         dim = truncate_dim or self.dim
         out = torch.empty(len(texts), dim, dtype=torch.float32)
         if texts:
@@ -263,7 +285,7 @@ class Encoder(nn.Module):
                 for start in tqdm(starts, desc="encode", disable=not show_progress_bar):
                     index = order[start : start + batch_size]
                     batch = pad_batch(encoded, index, self.tokenizer, self.device)
-                    embeddings = self.embed(**batch)[:, :dim].float()
+                    embeddings = self.embed(**batch, prompt_length=prompt_length)[:, :dim].float()
                     out[torch.from_numpy(index)] = embeddings.cpu()
             self.train(was_training)
         if normalize if normalize is not None else self.normalize:

@@ -50,8 +50,6 @@ ST_FORMAT_VERSION = "3.0.0"
 
 def read_pooling(config: dict[str, Any], where: Path) -> str:
     """textcl pooling mode from a sentence-transformers Pooling config (old boolean or new string form)."""
-    if config.get("include_prompt", True) is False:
-        raise TextclError(f"{where}: pooling with include_prompt=false is not supported by textcl")
     if "pooling_mode" in config:
         modes = config["pooling_mode"]
         modes = [modes] if isinstance(modes, str) else list(modes)
@@ -92,7 +90,9 @@ def read_st_folder(root: Path) -> dict[str, Any]:
             if config.get("max_seq_length"):
                 spec["max_seq_length"] = int(config["max_seq_length"])
         elif kind == "Pooling":
-            spec["pooling"] = read_pooling(json.loads((folder / "config.json").read_text()), folder)
+            pooling_config = json.loads((folder / "config.json").read_text())
+            spec["pooling"] = read_pooling(pooling_config, folder)
+            spec["include_prompt"] = bool(pooling_config.get("include_prompt", True))
         elif kind == "Dense":
             if "dense" in spec:
                 raise TextclError(f"{root}: more than one Dense module is not supported")
@@ -127,7 +127,7 @@ def write_st_folder(encoder: Encoder, path: str | Path) -> None:
     encoder.tokenizer.save_pretrained(root)
     modules = [("", "sentence_transformers.models.Transformer"), ("1_Pooling", "sentence_transformers.models.Pooling")]
     st_mode = {ours: theirs for theirs, ours in ST_POOLING.items()}[encoder.pooling]
-    pooling_config = {"word_embedding_dimension": encoder.hidden_size, "include_prompt": True}
+    pooling_config = {"word_embedding_dimension": encoder.hidden_size, "include_prompt": encoder.include_prompt}
     pooling_config |= {flag: mode == st_mode for flag, mode in ST_POOLING_FLAGS.items()}
     write_json(root / "1_Pooling" / "config.json", pooling_config)
     if encoder.dense is not None:

@@ -31,6 +31,7 @@ from textcl.config import (
     TEACHER_SCORE_LOSSES,
     LossArguments,
     TrainConfig,
+    instruction_prompt,
 )
 from textcl.errors import TextclError
 from textcl.io.sources import check_local_sources, data_sources
@@ -175,7 +176,7 @@ def check_config(config: TrainConfig, recipe: str | None = None) -> None:
         raise TextclError(f"missing_positive {data.missing_positive!r}: use one of {', '.join(MISSING_POSITIVE)}")
     if training.max_nonfinite_steps < 1:
         raise TextclError("max_nonfinite_steps must be at least 1 (1 stops at the first non-finite step)")
-    if config.model.lora_merge and not config.model.lora:
+    if config.model.lora_merge and config.model.lora is False:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
     if training.ddp_timeout < 1:
         raise TextclError(f"ddp_timeout must be a positive number of seconds, got {training.ddp_timeout}")
@@ -188,6 +189,8 @@ def check_config(config: TrainConfig, recipe: str | None = None) -> None:
         raise TextclError("batch_per_source needs map-style data: set streaming: false")
     check_distillation(config.loss)
     check_remining(config)
+    check_mining_rounds(config)
+    check_instructions(config)
     check_local_sources(data_sources(data), recipe)  # a missing file is one line before the model loads
 
 
@@ -204,6 +207,35 @@ def check_remining(config: TrainConfig) -> None:
     if reads_teacher_scores(config.loss):
         raise TextclError(f"remine_steps replaces the negatives whose teacher scores distill_loss "
                           f"{config.loss.distill_loss} reads; use distill_loss mse or none with remine_steps")
+
+
+def check_mining_rounds(config: TrainConfig) -> None:
+    """mining_rounds mines one map-style train_data source; mining_options only with it."""
+    data = config.data
+    if data.mining_rounds < 0:
+        raise TextclError("mining_rounds must be >= 0 (0: off)")
+    if not data.mining_rounds:
+        if data.mining_options:
+            raise TextclError("mining_options set how mining_rounds mine; set mining_rounds too, or drop them")
+        return
+    if data.streaming or len(data.train_data) != 1:
+        raise TextclError("mining_rounds mines one train_data source (a BEIR folder or a pairs table), not streamed: "
+                          "set streaming: false and one train_data")
+    for option in data.mining_options:
+        if "=" not in option:
+            raise TextclError(f"mining_options {option!r}: write each as key=value, e.g. num_negatives=3")
+
+
+def check_instructions(config: TrainConfig) -> None:
+    """query_instruction excludes query_prompt; source_instructions gives one task per train_data source."""
+    model, data = config.model, config.data
+    if model.query_instruction and model.query_prompt:
+        raise TextclError("query_instruction and query_prompt both set the query prompt; keep one")
+    if model.query_instruction or data.source_instructions:
+        instruction_prompt(model.instruction_template, "")
+    if data.source_instructions and len(data.source_instructions) != len(data.train_data):
+        raise TextclError(f"source_instructions holds {len(data.source_instructions)} tasks for "
+                          f"{len(data.train_data)} train_data sources: give one per source ('' for the default)")
 
 
 def check_distillation(loss: LossArguments) -> None:

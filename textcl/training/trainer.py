@@ -56,6 +56,7 @@ from textcl.training.setup import (
     build_loss,
     build_optimizer,
     build_teacher,
+    source_query_prompts,
 )
 from textcl.training.step import StepRunner, optimizer_step
 from textcl.training.summary import run_warnings, summary_lines
@@ -133,6 +134,8 @@ class Trainer:
                 prompts=self.encoder.prompts, batch_size=args.per_device_train_batch_size, seed=args.seed,
                 drop_last=args.dataloader_drop_last, num_processes=accelerator.num_processes,
                 process_index=accelerator.process_index, teacher_scores=plan.reads_teacher_scores,
+                source_query_prompts=source_query_prompts(config.model, config.data, self.encoder.prompts),
+                prompt_length=None if self.encoder.include_prompt else self.encoder.prompt_length,
             )
         check_data(plan, self.data.num_negatives)
         self.remining = build_remining(config.data, self.data.loader.dataset, self.data.collator,
@@ -358,6 +361,8 @@ def train(config: TrainConfig | RunPlan, actions: Sequence[Action] = ()) -> dict
     refused instead of mixing checkpoints with this one.
     """
     plan = config if isinstance(config, RunPlan) else plan_run(config)
+    if plan.config.data.mining_rounds:  # the rounds driver calls this once a round, with mining_rounds 0
+        raise TextclError("mining_rounds runs through textcl.train (textcl.training.rounds), not the trainer alone")
     output_dir, ddp_timeout = plan.output.output_dir, plan.config.training.ddp_timeout
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
