@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -85,6 +86,9 @@ class Trainer:
             require_token()  # a missing token stops the run before training, not after it
         self.output_dir = plan.output.output_dir
         self.precision, why = run_precision(args)
+        # accelerate's state is process-wide: a second run in one process (a notebook) may change precision.
+        # The partial state (the process group under a launcher) stays, as transformers' Trainer keeps it.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=args.use_cpu or not torch.cuda.is_available(),
             mixed_precision="no" if self.precision == "fp32" else self.precision,  # not the launch config's
