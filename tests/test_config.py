@@ -8,6 +8,7 @@ import pytest
 
 from textcl.config import TrainConfig, load_config
 from textcl.errors import TextclError
+from textcl.training.plan import plan_run
 
 BASE = "model_name_or_path: m\ntrain_data: d.txt\noutput_dir: out\n"
 
@@ -40,7 +41,7 @@ def test_yaml_values_are_typed_and_overrides_win(tmp_path: Path) -> None:
 )
 def test_mistakes_name_the_fix(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
     with pytest.raises(TextclError, match=message):
-        load_config(recipe(tmp_path, text), overrides)
+        plan_run(load_config(recipe(tmp_path, text), overrides))
 
 
 def test_missing_required_and_bad_files(tmp_path: Path) -> None:

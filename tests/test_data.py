@@ -13,10 +13,10 @@ from transformers import AutoTokenizer
 
 from textcl.config import DataArguments, TrainConfig
 from textcl.data.collator import ContrastiveCollator, augment, text_id
-from textcl.data.loader import build_training_data
 from textcl.data.rows import load_rows, max_negatives
 from textcl.data.sampler import NoDuplicatesBatchSampler, greedy_batches, planned_batches, row_ids, row_index
 from textcl.errors import TextclError
+from textcl.training.plan import plan_run
 
 
 def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> str:
@@ -221,4 +221,4 @@ def test_batch_per_source_keeps_each_batch_to_one_source_and_mixes_their_order(t
     with pytest.raises(TextclError, match="streaming: false"):
         config = TrainConfig.from_dict({"train_data": [str(pairs)], "batch_per_source": True, "streaming": True,
                                         "model_name_or_path": "unused", "max_steps": 1, "output_dir": str(tmp_path / "o")})
-        build_training_data(config.data, tokenizer=None, max_seq_length=8, prompts={}, batch_size=8, seed=0)
+        plan_run(config)  # the run plan refuses it before any data is read

@@ -28,6 +28,7 @@ from textcl.errors import TextclError
 from textcl.model.decoder import append_eos_token, is_decoder, make_bidirectional, prepare_decoder
 from textcl.model.lora import default_target_modules
 from textcl.model.pooling import exclude_prompt, mean_pooling
+from textcl.training.plan import plan_run
 from textcl.training.setup import build_encoder
 
 TEXTS = ["A man is playing a guitar.", "The cat sits.", "Two dogs are running through a field of snow."]
@@ -199,11 +200,11 @@ def test_shrink_refuses_a_decoder(qwen3_dir: Path) -> None:
 def test_instruction_settings_are_checked() -> None:
     base = ["--model_name_or_path", "m", "--train_data", "a.tsv", "--output_dir", "o"]
     with pytest.raises(TextclError, match="must hold"):
-        load_config(None, [*base, "--query_instruction", "x", "--instruction_template", "{text} {task}"])
+        plan_run(load_config(None, [*base, "--query_instruction", "x", "--instruction_template", "{text} {task}"]))
     with pytest.raises(TextclError, match="keep one"):
-        load_config(None, [*base, "--query_instruction", "x", "--query_prompt", "q: "])
+        plan_run(load_config(None, [*base, "--query_instruction", "x", "--query_prompt", "q: "]))
     with pytest.raises(TextclError, match="one per source"):
-        load_config(None, [*base, "--source_instructions", "x", "y"])
+        plan_run(load_config(None, [*base, "--source_instructions", "x", "y"]))
 
 
 def test_train_a_decoder_with_per_source_instructions_and_lora(qwen3_dir: Path, tmp_path: Path) -> None:

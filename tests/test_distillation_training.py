@@ -23,6 +23,7 @@ from textcl.errors import TextclError
 from textcl.losses import InfoNCELoss
 from textcl.losses.distillation import EmbeddingMSELoss, KLDistillationLoss, MarginMSELoss, real_rows
 from textcl.retrieval.scoring import load_teacher, score_pairs
+from textcl.training.plan import plan_run
 from textcl.training.step import split_views
 from textcl.training.trainer import Trainer
 
@@ -92,7 +93,7 @@ def test_distillation_settings_and_data_errors_name_the_fix(rows_file: Path, tmp
         (["--distill_loss", "kl", "--distill_temperature", "0"], "must be > 0"),
     ]:
         with pytest.raises(TextclError, match=message):
-            load_config(None, base + settings)
+            plan_run(load_config(None, base + settings))
     with pytest.raises(TextclError, match=r"no 'positive_score' column .*textcl score TEACHER"):
         build_training_data(DataArguments(train_data=[str(rows_file)]), tokenizer=None, max_seq_length=8, prompts={},
                             batch_size=8, seed=0, teacher_scores=True)

@@ -25,7 +25,8 @@ from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock
 from textcl.retrieval.corpus_embeddings import encode_corpus
 from textcl.retrieval.search_index import SearchIndex
-from textcl.training.checkpoint import STATE_FILE, check_dcp_metadata, save_model_folder
+from textcl.training.checkpoint import STATE_FILE, check_dcp_metadata
+from textcl.training.outputs import save_model_folder
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_the_issues_nan_run_stops_with_one_line_and_saves_no_model(
 
 
 def test_a_single_bad_step_is_skipped_and_training_goes_on() -> None:
-    guard = NonFiniteGuard(max_steps=2)
+    guard = NonFiniteGuard(max_nonfinite_steps=2)
     steps = [(1.0, 3.0), (float("nan"), 3.0), (1.0, 2.0), (1.0, float("inf")), (float("inf"), None)]
     for step, (loss, norm) in enumerate(steps[:4], start=1):
         guard.observe(step, step_is_finite(torch.tensor(loss), None if norm is None else torch.tensor(norm)))

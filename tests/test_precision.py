@@ -12,6 +12,7 @@ from textcl.config import bf16_setting, load_config
 from textcl.errors import TextclError
 from textcl.model import precision
 from textcl.model.precision import resolve_precision
+from textcl.training.plan import plan_run
 
 CPU = torch.device("cpu")
 
@@ -74,7 +75,7 @@ def test_recipes_and_the_command_line_set_bf16(tmp_path: Path) -> None:
     assert load_config(str(recipe), ["--bf16", "false"]).training.bf16 == "false"
     recipe.write_text("model_name_or_path: m\ntrain_data: d.txt\noutput_dir: o\nbf16: true\nfp16: true\n")
     with pytest.raises(TextclError, match="bf16 and fp16 are both set"):
-        load_config(str(recipe), [])
+        plan_run(load_config(str(recipe), []))
     recipe.write_text("model_name_or_path: m\ntrain_data: d.txt\noutput_dir: o\nbf16: false\nfp16: true\n")
     assert load_config(str(recipe), []).training.fp16
 

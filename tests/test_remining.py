@@ -22,6 +22,7 @@ from textcl.demo.run import demo_rows
 from textcl.errors import TextclError
 from textcl.retrieval.mining import mine_hard_negatives
 from textcl.training.checkpoint import decode
+from textcl.training.plan import plan_run
 from textcl.training.remining import build_remining, remine_source
 from textcl.training.setup import build_encoder
 from textcl.training.trainer import Trainer
@@ -162,8 +163,8 @@ def test_remine_steps_errors_name_the_fix(tiny_model_dir: Path, tmp_path: Path) 
     plain.write_text(json.dumps({"anchor": "a", "positive": "b"}) + "\n")
     base = ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--remine_steps", "2"]
     with pytest.raises(TextclError, match="replaces the negatives whose teacher scores"):
-        load_config(None, base + ["--train_data", str(plain), "--distill_loss", "kl"])
+        plan_run(load_config(None, base + ["--train_data", str(plain), "--distill_loss", "kl"]))
     with pytest.raises(TextclError, match="one train_data"):
-        load_config(None, base + ["--train_data", str(plain), str(plain)])
+        plan_run(load_config(None, base + ["--train_data", str(plain), str(plain)]))
     with pytest.raises(TextclError, match="written by `textcl mine`"):
         remine_source(DataArguments(train_data=[str(plain)], remine_steps=2))

@@ -39,7 +39,7 @@ from textcl.errors import TextclError
 from textcl.retrieval.search_index import SearchIndex
 from textcl.serving.app import create_app
 from textcl.serving.batcher import MicroBatcher
-from textcl.serving.server import bind
+from textcl.serving.server import ServeSettings, bind
 from textcl.serving.service import SearchService
 from textcl.serving.store import LOG_NAME, SNAPSHOT_DIR, DurableIndex, read_log
 
@@ -487,8 +487,22 @@ def bad_starts(tmp: Path, index_dir: Path, model_dir: Path) -> list[tuple[list[s
         ([str(model_dir)], "is a model, not an index: pass --corpus FILE"),
         ([str(model_dir), "--corpus", str(tmp / "nothing.txt")], "does not exist"),
         ([str(index_dir), "--api-key-env", "TEXTCL_TEST_UNSET_VARIABLE"], "that environment variable is not set"),
-        ([str(index_dir), "--max_batch_size", "0"], "--max_batch_size must be at least 1"),
+        ([str(index_dir), "--max_batch_size", "0"], "max_batch_size must be at least 1, got 0"),
     ]
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"max_batch_size": 0}, "max_batch_size must be at least 1, got 0"),
+    ({"snapshot_every": -1}, "snapshot_every must be at least 1"),
+    ({"max_body_bytes": 0}, "max_body_bytes must be at least 1"),
+    ({"batch_wait_ms": -0.5}, "batch_wait_ms must not be negative"),
+    ({"max_connections": 0}, "max_connections must be at least 1"),
+    ({"receive_timeout": 0}, "receive_timeout must be positive"),
+])
+def test_serve_settings_check_their_own_limits(settings: dict, message: str) -> None:
+    """The limits are the library's rule (a Python caller gets the same one line as the CLI)."""
+    with pytest.raises(TextclError, match=message):
+        ServeSettings(**settings)
 
 
 @pytest.mark.parametrize("case", range(8))

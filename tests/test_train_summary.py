@@ -14,7 +14,10 @@ from conftest import SENTENCES
 
 from textcl import Encoder, evaluate
 from textcl.cli import main
+from textcl.config import load_config
+from textcl.evaluation.evaluators import RetrievalEvaluator, STSEvaluator
 from textcl.training.summary import base_evaluation, run_warnings, summary_lines, worse_than_base
+from textcl.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,9 @@ def test_json_flag_prints_the_metrics(tiny_model_dir: Path, data: dict[str, Path
     assert records[0]["step"] == 1
 
 
+EVALUATORS = (STSEvaluator(("sts.tsv",)), RetrievalEvaluator("beir-folder"))
+
+
 def records_of(before: float, after_loss: float = 0.5) -> list[dict]:
     return [{"step": 0, "sts": {"spearman": before}},
             *({"step": s, "loss": after_loss, "uniformity": -2.0} for s in range(1, 6))]
@@ -87,25 +93,51 @@ def records_of(before: float, after_loss: float = 0.5) -> list[dict]:
 
 def test_worse_than_base_warning_fires_only_on_a_drop() -> None:
     records = records_of(0.80)
-    assert base_evaluation(records) == {"sts": {"spearman": 0.80}}
-    worse = run_warnings(records, 32, {"sts": {"spearman": 0.70}})
+    assert base_evaluation(records, EVALUATORS) == {"sts": {"spearman": 0.80}}
+    worse = run_warnings(records, 32, {"sts": {"spearman": 0.70}}, EVALUATORS)
     assert len(worse) == 1 and "sts.spearman fell from 0.8000 (base model) to 0.7000" in worse[0]
-    assert run_warnings(records, 32, {"sts": {"spearman": 0.85}}) == []
-    assert run_warnings(records, 32, {"sts": {"spearman": 0.80}}) == []
-    retrieval = worse_than_base({"retrieval": {"ndcg@1": 0.5, "ndcg@10": 0.6}}, {"retrieval": {"ndcg@10": 0.4}})
+    assert run_warnings(records, 32, {"sts": {"spearman": 0.85}}, EVALUATORS) == []
+    assert run_warnings(records, 32, {"sts": {"spearman": 0.80}}, EVALUATORS) == []
+    retrieval = worse_than_base({"retrieval": {"ndcg@1": 0.5, "ndcg@10": 0.6}}, {"retrieval": {"ndcg@10": 0.4}},
+                                EVALUATORS)
     assert len(retrieval) == 1 and "retrieval.ndcg@10" in retrieval[0]
 
 
 def test_collapse_is_warned_in_the_summary_warnings() -> None:
     collapsed = [{"step": s, "loss": math.log(32), "uniformity": -0.001} for s in range(1, 9)]
-    warnings = run_warnings(collapsed, 32, {})
+    warnings = run_warnings(collapsed, 32, {}, EVALUATORS)
     assert len(warnings) == 1 and "collapsed" in warnings[0]
 
 
 def test_summary_without_a_base_evaluation_shows_the_final_one() -> None:
     lines = summary_lines("out", [{"step": 2, "loss": 1.5}, {"step": 2, "train_runtime": 75.0,
                                                               "train_samples_per_second": 3.0}],
-                          {"retrieval": {"ndcg@10": 0.25}})
+                          {"retrieval": {"ndcg@10": 0.25}}, EVALUATORS)
     assert lines == ["textcl: model saved to out (metrics.jsonl and textcl.json beside it)",
                      "  2 steps in 1m 15s (3.0 samples/s)", "  final loss 1.5000 (first logged 1.5000)",
                      "  retrieval.ndcg@10: 0.2500"]
+
+
+def test_an_action_added_from_python_runs_after_every_step_and_the_best_model_follows_the_headline(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """`train(config, actions=[...])` calls each action after every optimizer step, after the run's own (the
+    step's loss is logged by then); `metric_for_best_model: sts` keeps the model with the best STS headline
+    (Spearman), and the card names that model and its headline."""
+    seen = []
+
+    class Record:
+        def on_step_end(self, trainer) -> None:
+            seen.append((trainer.position.step, trainer.last_loss))
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, data, eval_sts=[str(data["sts"])], eval_steps=1,
+                          metric_for_best_model="sts")
+    train(load_config(str(recipe), []), actions=[Record()])
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in seen] == [1, 2, 3]
+    assert [loss for _, loss in seen] == pytest.approx([r["loss"] for r in records if "loss" in r])
+    evaluations = {r["step"]: r["sts"]["spearman"] for r in records if "sts" in r and r["step"] > 0}
+    best = max(evaluations, key=evaluations.get)  # the first of equal values: only a strict gain replaces it
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"the kept model (step {best}, the best by `sts`)" in card
+    assert f"**sts** (headline `spearman`, higher is better): {evaluations[best]:.4f}" in card

@@ -270,7 +270,8 @@ class TrainingArguments:
         default=None, metadata={"help": "Evaluate every N steps (and always at the end; the base model at step 0)."}
     )
     metric_for_best_model: str | None = field(
-        default=None, metadata={"help": "e.g. sts.spearman or retrieval.ndcg@10; keeps the best model."}
+        default=None, metadata={"help": "Keep the best model by sts or retrieval (their headline: Spearman, "
+                                 "nDCG@10) or by one figure, e.g. retrieval.recall@100."}
     )
     greater_is_better: bool = field(default=True, metadata={"help": "metric_for_best_model improves upwards."})
     save_steps: int | None = field(default=None, metadata={"help": "Write a checkpoint every N steps."})
@@ -310,6 +311,8 @@ REQUIRED = ("model_name_or_path", "train_data", "output_dir")
 DEPRECATED_KEYS = {"passage_max_length": "document_max_length"}
 MISSING_POSITIVE = ("error", "drop", "dropout")
 DISTILL_LOSSES = ("none", "kl", "margin_mse", "mse")
+TEACHER_SCORE_LOSSES = ("kl", "margin_mse")  # read the teacher scores that came with the data
+AUGMENTATIONS = ("word_deletion", "span_crop", "word_repetition")
 LIST_FIELDS = {f.name for part in PARTS for f in dataclasses.fields(part) if str(f.type).startswith("list")}
 
 
@@ -333,7 +336,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
-    """Recipe values, then `--key value` overrides, into a validated TrainConfig."""
+    """Recipe values, then `--key value` overrides, into a TrainConfig: known keys, typed values, the required
+    settings present. The rules between settings are checked by `textcl.training.plan.check_config`."""
     recipe = {renamed(key): value for key, value in recipe.items()}
     overrides = [f"--{renamed(item[2:])}" if item.startswith("--") else item for item in overrides]
     for key in recipe:
@@ -363,39 +367,7 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
     missing = [key for key in REQUIRED if not values[key]]
     if missing:
         raise TextclError(f"missing required setting {missing[0]!r}: add it to the recipe or pass --{missing[0]}")
-    if config.training.metric_for_best_model and not (config.data.eval_sts or config.data.eval_beir
-                                                      or config.data.eval_split):
-        raise TextclError("metric_for_best_model needs eval_split, eval_sts or eval_beir to evaluate on")
-    if config.training.bf16 == "true" and config.training.fp16:
-        raise TextclError("bf16 and fp16 are both set; choose one")
-    if config.data.missing_positive not in MISSING_POSITIVE:
-        raise TextclError(f"missing_positive {config.data.missing_positive!r}: use one of {', '.join(MISSING_POSITIVE)}")
-    if config.training.max_nonfinite_steps < 1:
-        raise TextclError("max_nonfinite_steps must be at least 1 (1 stops at the first non-finite step)")
-    if config.model.lora_merge and config.model.lora is False:
-        raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
-    check_distillation(config.loss)
-    check_remining(config)
-    check_mining_rounds(config)
-    check_instructions(config)
     return config
-
-
-def check_mining_rounds(config: TrainConfig) -> None:
-    """mining_rounds mines one map-style train_data source; mining_options only with it."""
-    data = config.data
-    if data.mining_rounds < 0:
-        raise TextclError("mining_rounds must be >= 0 (0: off)")
-    if not data.mining_rounds:
-        if data.mining_options:
-            raise TextclError("mining_options set how mining_rounds mine; set mining_rounds too, or drop them")
-        return
-    if data.streaming or len(data.train_data) != 1:
-        raise TextclError("mining_rounds mines one train_data source (a BEIR folder or a pairs table), not streamed: "
-                          "set streaming: false and one train_data")
-    for option in data.mining_options:
-        if "=" not in option:
-            raise TextclError(f"mining_options {option!r}: write each as key=value, e.g. num_negatives=3")
 
 
 def instruction_prompt(template: str, task: str) -> str:
@@ -405,46 +377,6 @@ def instruction_prompt(template: str, task: str) -> str:
         raise TextclError(f"instruction_template {template!r} must hold {{task}} and end with {{text}} (a prompt is "
                           "a prefix), e.g. 'Instruct: {task}\\nQuery: {text}'")
     return template.removesuffix("{text}").replace("{task}", task)
-
-
-def check_instructions(config: TrainConfig) -> None:
-    """query_instruction excludes query_prompt; source_instructions gives one task per train_data source."""
-    model, data = config.model, config.data
-    if model.query_instruction and model.query_prompt:
-        raise TextclError("query_instruction and query_prompt both set the query prompt; keep one")
-    if model.query_instruction or data.source_instructions:
-        instruction_prompt(model.instruction_template, "")
-    if data.source_instructions and len(data.source_instructions) != len(data.train_data):
-        raise TextclError(f"source_instructions holds {len(data.source_instructions)} tasks for "
-                          f"{len(data.train_data)} train_data sources: give one per source ('' for the default)")
-
-
-def check_remining(config: TrainConfig) -> None:
-    """remine_steps needs one map-style source, and no teacher scores (they belong to the negatives it replaces)."""
-    data = config.data
-    if data.remine_steps < 0:
-        raise TextclError("remine_steps must be >= 0 (0: off)")
-    if not data.remine_steps:
-        return
-    if data.streaming or len(data.train_data) != 1:
-        raise TextclError("remine_steps re-mines one train_data source (a BEIR folder or a file written by `textcl "
-                          "mine`), not streamed: set streaming: false and one train_data")
-    if config.loss.distill_loss in ("kl", "margin_mse"):
-        raise TextclError(f"remine_steps replaces the negatives whose teacher scores distill_loss "
-                          f"{config.loss.distill_loss} reads; use distill_loss mse or none with remine_steps")
-
-
-def check_distillation(loss: LossArguments) -> None:
-    """The distill_* settings and teacher_model agree (whether the data has teacher scores is checked when it is read)."""
-    if loss.distill_loss not in DISTILL_LOSSES:
-        raise TextclError(f"distill_loss {loss.distill_loss!r}: use one of {', '.join(DISTILL_LOSSES)}")
-    if loss.distill_loss == "mse" and not loss.teacher_model:
-        raise TextclError("distill_loss mse matches a teacher's embeddings: set teacher_model (a model folder or Hub id)")
-    if loss.teacher_model and loss.distill_loss != "mse":
-        raise TextclError("teacher_model is read by distill_loss mse only (kl and margin_mse read the teacher's scores "
-                          "from the data: `textcl score`); set distill_loss: mse or drop teacher_model")
-    if not loss.distill_weight > 0 or not loss.distill_temperature > 0:
-        raise TextclError("distill_weight and distill_temperature must be > 0")
 
 
 def bf16_setting(value: object) -> str:

@@ -12,10 +12,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from textcl import __version__
 from textcl.cli.launch import leave_if_distributed, report_error
 from textcl.cli.quiet import set_library_output
 from textcl.errors import TextclError
+from textcl.version import __version__
 
 # command -> (module, configure function, run function, one-line help)
 COMMANDS = {

@@ -8,13 +8,13 @@ import faiss
 import torch
 import transformers
 
-from textcl import __version__
 from textcl.cli.options import add_encoding_options, cache_dir_of, defaults_of, precision_of
 from textcl.io.corpus import read_corpus
 from textcl.io.pairs import read_pairs
 from textcl.io.tables import check_output, negative_column_names, provenance_path, write_table
 from textcl.model.encoder import Encoder
 from textcl.retrieval.mining import SAMPLING, check_options, mine_hard_negatives
+from textcl.retrieval.mining_record import MiningRecord
 from textcl.retrieval.scoring import load_teacher, score_table
 
 
@@ -84,11 +84,8 @@ def run(args: argparse.Namespace) -> None:
                                precision=precision_of(args), query_max_length=args.query_max_length,
                                cache_dir=cache_dir_of(args), show_progress_bar=True)
         scores = {"model": teacher.name, "kind": teacher.kind}
-    provenance = {
-        "textcl_version": __version__, "command": "mine", "model": str(args.model), "data": str(args.data),
-        "split": args.split, "corpus": str(args.corpus) if args.corpus else None, "settings": mined.settings,
-        "scores": scores, "environment": environment(args.device),
-    }
+    provenance = MiningRecord(str(args.model), str(args.data), args.split, str(args.corpus) if args.corpus else None,
+                              mined.settings, scores, environment(args.device)).to_dict()
     write_table(columns, args.out, provenance=provenance)
     print(f"wrote {args.out}: {mined.stats.rows_kept} rows (how they were mined: {provenance_path(args.out)})")
 

@@ -61,14 +61,6 @@ def run(args: argparse.Namespace) -> None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise TextclError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
-    for name in ("max_batch_size", "snapshot_every", "max_body_bytes", "max_connections", "max_queued_texts"):
-        if getattr(args, name) < 1:
-            raise TextclError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("batch_wait_ms", "graceful_shutdown_s"):
-        if getattr(args, name) < 0:
-            raise TextclError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.receive_timeout <= 0:
-        raise TextclError(f"--receive_timeout must be positive, got {args.receive_timeout}")
     settings = ServeSettings(args.host, args.port, args.max_batch_size, args.batch_wait_ms, args.max_body_bytes,
                              args.snapshot_every, args.allowed_hosts, args.receive_timeout, args.max_connections,
                              args.max_queued_texts, args.log_format, args.graceful_shutdown_s)

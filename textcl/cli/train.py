@@ -11,14 +11,14 @@ import dataclasses
 import json
 
 from textcl.cli.launch import follow_launcher, launch_training, leave_if_distributed
-from textcl.config import PARTS, TrainConfig, load_config
+from textcl.config import PARTS, DataArguments, load_config
 from textcl.errors import TextclError
-from textcl.io.sources import check_local_sources, data_sources, hub_dataset
+from textcl.io.sources import data_sources, hub_dataset
 from textcl.io.text import check_table_file
+from textcl.training.plan import plan_run
 
 GROUP_NAMES = {"ModelArguments": "model", "DataArguments": "data", "LossArguments": "loss",
                "TrainingArguments": "training"}
-HELP = "train a model from a YAML recipe (also under `accelerate launch -m textcl train`)"
 
 
 def settings_help() -> str:
@@ -49,12 +49,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(takes_overrides=True)
 
 
-def check_hub_sources(config: TrainConfig) -> None:
+def check_hub_sources(data: DataArguments) -> None:
     """Load each Hub dataset of the run now (downloaded once, then read from the cache by the trainer), so an id
     that cannot be reached fails before the model loads."""
     from textcl.io.tables import load_table  # datasets: only when a Hub id is used
 
-    data = config.data
     for setting, source in data_sources(data):
         if setting != "eval_beir" and hub_dataset(source) is not None:
             split = data.train_split if setting == "train_data" else "test"
@@ -65,19 +64,18 @@ def run(args: argparse.Namespace) -> int | None:
     follow_launcher()  # a child of a launcher dies with it, before anything is loaded
     overrides = list(args.overrides)
     recipe = overrides.pop(0) if overrides and not overrides[0].startswith("-") else None
-    config = load_config(recipe, overrides)
-    check_local_sources(data_sources(config.data), recipe)
-    for setting, source in data_sources(config.data):
-        check_table_file(source, config.data.delimiter if setting == "train_data" else None)
-    check_hub_sources(config)
+    plan = plan_run(load_config(recipe, overrides), recipe)  # every check the config alone allows
+    for setting, source in data_sources(plan.config.data):  # a misread csv/tsv: one line, before the model loads
+        check_table_file(source, plan.config.data.delimiter if setting == "train_data" else None)
+    check_hub_sources(plan.config.data)
     if args.num_processes is not None:
-        if config.data.mining_rounds:
+        if plan.config.data.mining_rounds:
             raise TextclError("mining_rounds run in one process for now; drop --num_processes")
         return launch_training(args.num_processes, [*args.overrides, *(["--json"] if args.json else [])],
                                getattr(args, "verbose", False))
     from textcl.training.rounds import train  # torch, accelerate, transformers: after the cheap checks
 
-    metrics = train(config)
+    metrics = train(plan)
     if metrics and args.json:
         print(json.dumps(metrics, indent=2))
     leave_if_distributed(0)  # under a launcher: without gloo's destructors, which can hang

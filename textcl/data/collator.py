@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-AUGMENTATIONS = ("word_deletion", "span_crop", "word_repetition")
-
 
 def text_id(text: str) -> int:
     """A stable signed 64-bit id of `text` (blake2b), equal in every process and run."""

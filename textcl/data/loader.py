@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from textcl.config import DataArguments
-from textcl.data.collator import AUGMENTATIONS, ContrastiveCollator
+from textcl.data.collator import ContrastiveCollator
 from textcl.data.holdout import HeldOut, split_held_out
 from textcl.data.rows import has_dropout_positives, load_rows, max_negatives
 from textcl.data.sampler import NoDuplicatesBatchSampler, StreamBatches, row_index
@@ -94,11 +94,6 @@ def build_training_data(
     training starts. `teacher_scores`: read the data's `<column>_score` columns (distillation) into the batches.
     `source_query_prompts` and `prompt_length`: see `ContrastiveCollator`. Streams are split between processes
     here; map-style batches are split by the caller (accelerate's prepared loader)."""
-    unknown = set(data.augment) - set(AUGMENTATIONS)
-    if unknown:
-        raise TextclError(f"unknown augmentation {sorted(unknown)[0]!r}; valid: {', '.join(AUGMENTATIONS)}")
-    if data.batch_per_source and data.streaming:
-        raise TextclError("batch_per_source needs map-style data: set streaming: false")
     rows = load_rows(data, report=process_index == 0, teacher_scores=teacher_scores)
     held_out = None
     if data.eval_split:

@@ -10,7 +10,6 @@ query is a positive). Rows stay in a `datasets.Dataset` (Arrow, memory-mapped) o
 from __future__ import annotations
 
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import datasets
 from textcl.config import DataArguments
 from textcl.errors import TextclError
 from textcl.io.beir import beir_pairs
-from textcl.io.tables import load_table, score_column
+from textcl.io.tables import load_table, natural_order, negative_column_names, score_column
 
 
 def load_source(source: str, args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
@@ -37,10 +36,7 @@ def load_source(source: str, args: DataArguments) -> datasets.Dataset | datasets
 
 def negative_columns(columns: list[str], args: DataArguments) -> list[str]:
     """Configured negative columns, else every column named negative*, in natural order (negative_2 < negative_10)."""
-    chosen = list(args.negative_columns) or [
-        c for c in columns if c.startswith("negative") and "score" not in c
-    ]
-    chosen.sort(key=lambda c: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", c)])
+    chosen = natural_order(args.negative_columns) if args.negative_columns else negative_column_names(columns)
     return chosen[: args.num_negatives] if args.num_negatives is not None else chosen
 
 

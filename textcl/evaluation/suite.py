@@ -12,13 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from textcl.errors import TextclError
-from textcl.evaluation.pairs import evaluate_pairs
-from textcl.evaluation.retrieval import evaluate_retrieval
+from textcl.evaluation.evaluators import Evaluator, RetrievalEvaluator, STSEvaluator, run_evaluators
+from textcl.evaluation.retrieval import K_VALUES
 from textcl.evaluation.retrieval_metrics import METRIC_NAMES
-from textcl.evaluation.sts import STS_COLUMNS, evaluate_sts
+from textcl.evaluation.sts import STS_COLUMNS
 from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
-
-__all__ = ["evaluate", "evaluate_pairs", "format_table"]  # evaluate_pairs: the held-out rows of a run (eval_split)
 
 
 def evaluate(
@@ -36,14 +34,15 @@ def evaluate(
     `retrieval_options` go to `evaluate_retrieval`."""
     if not sts and not beir:
         raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
-    results = {}
+    evaluators: list[Evaluator] = []
     if sts:
-        results["sts"] = evaluate_sts(encoder, sts, sts_columns, batch_size=batch_size, precision=precision)
+        evaluators.append(STSEvaluator(tuple(sts) if isinstance(sts, (list, tuple)) else (sts,), sts_columns,
+                                       batch_size=batch_size, precision=precision))
     if beir:
-        results["retrieval"] = evaluate_retrieval(
-            encoder, beir, split, batch_size=batch_size, precision=precision, **retrieval_options
-        )
-    return results
+        k_values = retrieval_options.pop("k_values", K_VALUES)
+        evaluators.append(RetrievalEvaluator(beir, split, k_values, batch_size=batch_size, precision=precision,
+                                             options=retrieval_options))
+    return run_evaluators(evaluators, encoder)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

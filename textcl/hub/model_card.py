@@ -9,6 +9,7 @@ Every statement comes from the run's config and what its batches held; nothing e
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ class TrainingRun:
     best_step: int | None = None  # the kept model's step when metric_for_best_model chose it
     dropout_positives: bool = False  # some rows were their own positive (two dropout masks)
     hard_negatives: bool = False  # rows carried hard negatives
+    # the run's evaluators (`textcl.evaluation.evaluators`: name, primary_metric, greater_is_better), whose
+    # headline figures the card states first
+    headlines: Sequence[Any] = ()
 
     @property
     def sources(self) -> list[str]:
@@ -102,8 +106,9 @@ def methods_used(run: TrainingRun | None, adapter: dict[str, Any] | None) -> lis
     return [name for name in CITATIONS if used[name]]
 
 
-def eval_results(metrics: dict[str, Any], config: TrainConfig) -> list[Any]:
-    """The evaluation as huggingface_hub EvalResults (the front matter's model-index)."""
+def eval_results(metrics: dict[str, Any], eval_beir: str | None, eval_beir_split: str) -> list[Any]:
+    """The evaluation as huggingface_hub EvalResults (the front matter's model-index); `eval_beir` names the BEIR
+    folder the retrieval figures come from."""
     results = []
     for path, figures in metrics.get("sts", {}).get("files", {}).items():
         name = "/".join(Path(path).parts[-2:])
@@ -114,12 +119,12 @@ def eval_results(metrics: dict[str, Any], config: TrainConfig) -> list[Any]:
                 metric_name=f"{key.title()} (cosine)", metric_value=round(figures[key], 4),
             ))
     retrieval = metrics.get("retrieval", {})
-    beir = Path(config.data.eval_beir or "beir").name
+    beir = Path(eval_beir or "beir").name
     for key, label in RETRIEVAL_METRICS.items():
         if key in retrieval:
             results.append(EvalResult(
                 task_type="information-retrieval", task_name="Information Retrieval", dataset_type=beir,
-                dataset_name=beir, dataset_split=config.data.eval_beir_split, metric_type=f"cosine_{key}",
+                dataset_name=beir, dataset_split=eval_beir_split, metric_type=f"cosine_{key}",
                 metric_name=label, metric_value=round(retrieval[key], 4),
             ))
     return results
@@ -128,7 +133,7 @@ def eval_results(metrics: dict[str, Any], config: TrainConfig) -> list[Any]:
 def front_matter(run: TrainingRun | None, model_id: str, adapter: dict[str, Any] | None) -> str:
     base = run.config.model.model_name_or_path if run else adapter and adapter["base_model"]
     datasets = [source for source in run.sources if hub_id(source)] if run else []
-    results = eval_results(run.metrics, run.config) if run else []
+    results = eval_results(run.metrics, run.config.data.eval_beir, run.config.data.eval_beir_split) if run else []
     data = ModelCardData(
         library_name="sentence-transformers", pipeline_tag="sentence-similarity",
         tags=TAGS + (["lora", "peft"] if adapter else []), base_model=hub_id(base), license=base_license(base),
@@ -228,6 +233,14 @@ def describe_evaluation(run: TrainingRun) -> str:
     when = (f"the kept model (step {run.best_step}, the best by `{run.config.training.metric_for_best_model}`)"
             if run.best_step is not None else f"the final model (step {run.steps})")
     lines = [f"## Evaluation\n\nMeasured by textcl on {when}; cosine similarity.\n"]
+    for evaluator in run.headlines:
+        value = metrics.get(evaluator.name, {}).get(evaluator.primary_metric)
+        if isinstance(value, (int, float)):
+            better = "higher" if evaluator.greater_is_better else "lower"
+            lines.append(f"- **{evaluator.name}** (headline `{evaluator.primary_metric}`, {better} is better): "
+                         f"{value:.4f}")
+    if run.headlines and len(lines) > 1:
+        lines.append("")
     if "sts" in metrics:
         lines += ["| STS file | Spearman | Pearson | Pairs |", "|---|---|---|---|"]
         for path, f in metrics["sts"]["files"].items():

@@ -144,10 +144,15 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
         raise TextclError(f"{sidecar}: not valid JSON ({error.msg}); delete it or write the table again") from None
 
 
+def natural_order(columns: Sequence[str]) -> list[str]:
+    """`columns` sorted with their numbers as numbers (negative_2 < negative_10)."""
+    return sorted(columns, key=lambda c: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", c)])
+
+
 def negative_column_names(columns: Sequence[str]) -> list[str]:
-    """Columns named negative* that hold texts (not their `_score`), in natural order (negative_2 < negative_10)."""
-    chosen = [c for c in columns if c.startswith("negative") and not c.endswith("_score")]
-    return sorted(chosen, key=lambda c: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", c)])
+    """The one rule for which columns hold negatives: those named negative* that hold texts (not their `_score`,
+    see `score_column`), in natural order. Training, scoring and mining all ask here."""
+    return natural_order([c for c in columns if c.startswith("negative") and not c.endswith(score_column(""))])
 
 
 def score_column(column: str) -> str:

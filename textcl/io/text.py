@@ -18,16 +18,6 @@ from typing import Any
 from textcl.errors import TextclError
 
 
-def check_file(path: str | Path, what: str) -> Path:
-    """`path` as a Path if it is an existing file, else a TextclError naming `what` it should be."""
-    path = Path(path)
-    if not path.exists():
-        raise TextclError(f"{what} {str(path)!r} does not exist")
-    if path.is_dir():
-        raise TextclError(f"{what} {str(path)!r} is a folder; pass a file")
-    return path
-
-
 def not_utf8(path: Path, line: int, error: UnicodeDecodeError) -> TextclError:
     return TextclError(f"{path}:{line}: not UTF-8 ({error.reason}); re-encode the file as UTF-8")
 

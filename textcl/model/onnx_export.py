@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from textcl import __version__
 from textcl.errors import TextclError
 from textcl.io.targets import check_model_target, refusal, write_model_folder
 from textcl.model.encoder import Encoder
 from textcl.model.location import resolve_model_dir
 from textcl.model.lora import is_adapter, merged
 from textcl.model.onnx_files import INT8_FILE, MODEL_FILE, ONNX_DIR, weights_digest, write_file_digest
+from textcl.version import __version__
 
 logger = logging.getLogger(__name__)
 

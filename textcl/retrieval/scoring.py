@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from textcl import __version__
 from textcl.errors import TextclError
 from textcl.io.tables import (
     check_output,
@@ -34,6 +33,7 @@ from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
 from textcl.model.fit import check_vocabulary, fit_length
 from textcl.model.location import resolve_model_dir
 from textcl.retrieval.corpus_embeddings import computed_rows, default_prompt_name, encode_corpus, hash_weights
+from textcl.version import __version__
 
 
 @dataclass

@@ -37,7 +37,6 @@ try:
 except ModuleNotFoundError as missing:
     raise TextclError(f"textcl serve needs {missing.name}: pip install \"textcl[serve]\"") from missing
 
-from textcl import __version__
 from textcl.retrieval.index_folder import model_location
 from textcl.retrieval.search_index import Hits
 from textcl.serving.guards import HostCheck, KeyCheck
@@ -56,6 +55,7 @@ from textcl.serving.schemas import (
 )
 from textcl.serving.service import SearchService, ServerBusyError
 from textcl.serving.store import DuplicateIdError, LogWriteError, NotRemovableError, OutOfSpaceError, UnknownIdError
+from textcl.version import __version__
 
 PAGE = files("textcl.serving").joinpath("page.html").read_text(encoding="utf-8")
 STATUS_OF = {DuplicateIdError: 409, NotRemovableError: 409, UnknownIdError: 404, OutOfSpaceError: 507,

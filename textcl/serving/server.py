@@ -46,6 +46,17 @@ class ServeSettings:
     log_format: str = "text"  # "json": one JSON access line per request on stderr
     graceful_shutdown_s: float = 10.0  # on SIGTERM/SIGINT, how long requests in flight may take to finish
 
+    def __post_init__(self) -> None:
+        """One line naming the setting when a limit is out of range (the CLI's --options share these names)."""
+        for name in ("max_batch_size", "snapshot_every", "max_body_bytes", "max_connections", "max_queued_texts"):
+            if getattr(self, name) < 1:
+                raise TextclError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("batch_wait_ms", "graceful_shutdown_s"):
+            if getattr(self, name) < 0:
+                raise TextclError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.receive_timeout <= 0:
+            raise TextclError(f"receive_timeout must be positive, got {self.receive_timeout}")
+
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port, opened before the model loads so a taken port fails at once and

@@ -16,8 +16,8 @@ textcl did not write (a `custom_checkpoint_*.pkl` accelerate would unpickle, a p
 the folder. `resolve_resume("latest")` falls back to the newest checkpoint that verifies, says so and renames
 the others `checkpoint-N-damaged`; an explicit path that does not verify is one line.
 
-The final model is staged in `output_dir/.model.tmp/` and moved into place file by file with the files that
-make a folder look like a model (config.json, modules.json) last: a folder that looks like a model is whole.
+The rest of the output folder (metrics.jsonl, the best and final model, its card, textcl.json, the Hub) is
+`textcl.training.outputs`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import re
 import shutil
 import sys
 import zipfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +41,12 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from textcl import __version__
 from textcl.errors import TextclError
-from textcl.io.atomic import fsync_dir, fsync_tree, is_out_of_space, space_error, write_text_atomically
-from textcl.io.targets import refusal
+from textcl.io.atomic import fsync_dir, fsync_tree, is_out_of_space, space_error
+from textcl.training.parallel import any_process
+from textcl.version import __version__
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-RUN_ARTIFACTS = ("checkpoint-*", ".checkpoint-*.tmp", "best_model", ".best_model.*", ".model.tmp", "metrics.jsonl",
-                 "textcl.json")
 STATE_FILE = "textcl_state.json"
 STATE_TENSORS = "textcl_state.safetensors"
 RNG_FILE = "textcl_rng_{}.safetensors"
@@ -58,9 +55,6 @@ SPACE_FIX = "free some space, then resume with --resume_from_checkpoint latest (
 FORMAT = 1
 # Files some loader would read if they sat in a checkpoint: only those the manifest lists are accepted.
 LOADABLE = {".pkl", ".bin", ".pt", ".pth", ".safetensors", ".distcp", ".metadata"}
-ACCELERATE_RNG = re.compile(r"^random_states_\d+\.pkl$")
-# The files that make a folder look like a model to Encoder.load and sentence-transformers, moved in last.
-MODEL_MARKERS = ("config.json", "adapter_config.json", "modules.json")
 
 
 @dataclass
@@ -154,13 +148,6 @@ def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))]
     return [path for _, path in sorted(found)]
-
-
-def any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every process when `flag` is True on any (all processes must take the same branch)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum") > 0)
 
 
 def save_checkpoint(
@@ -408,103 +395,3 @@ def resolve_resume(output_dir: Path, resume_from_checkpoint: str | None, main_pr
         raise TextclError(f"no checkpoint in {str(output_dir)!r} is usable ({problems[0]}); pass "
                           "--overwrite_output_dir true to start over")
     return None
-
-
-# ---- the output folder, metrics and the final model ------------------------------------------------------------
-
-def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to mix two runs in one folder unless asked to overwrite it or resume the run in it.
-
-    Overwriting removes the previous run's checkpoints, metrics and the files that make its model look like a
-    model (so a killed new run never leaves the old model looking like its result).
-    """
-    holds_run = output_dir.exists() and any(any(output_dir.glob(pattern)) for pattern in RUN_ARTIFACTS)
-    holds_model = output_dir.exists() and any(any(output_dir.glob(pattern)) for pattern in MODEL_MARKERS)
-    if (holds_run or holds_model) and not (overwrite or resuming):
-        refused = refusal(output_dir, "a run" if holds_run else "a model", "--overwrite_output_dir true")
-        raise TextclError(f"{refused}{' (or --resume_from_checkpoint latest to continue it)' if holds_run else ''}")
-    if (holds_run or holds_model) and overwrite and not resuming:
-        for pattern in (*RUN_ARTIFACTS, *MODEL_MARKERS):
-            for path in output_dir.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (*output_dir.glob(".checkpoint-*.tmp"), *output_dir.glob(".model.tmp")):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl; a line a kill cut short is skipped."""
-    path = output_dir / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def trim_metrics(output_dir: Path, step: int) -> None:
-    """Drop the records of steps after `step` (logged by a run killed after its last checkpoint, about to be
-    logged again by the resumed run) and any line the kill cut short."""
-    path = output_dir / "metrics.jsonl"
-    if path.exists():
-        kept = [record for record in read_metrics(output_dir) if record.get("step", 0) <= step]
-        write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
-
-
-def state_bytes(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Bytes of a module's parameters (and buffers, unless `trainable_only`): about what saving it writes."""
-    tensors = [p for p in module.parameters() if p.requires_grad or not trainable_only]
-    tensors += [] if trainable_only else list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def link_or_copy_tree(source: Path, target: Path) -> None:
-    """A copy of folder `source` at `target`, hard-linking files where the filesystem allows (no extra space)."""
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link)
-
-
-def save_model_folder(
-    write: Callable[[Path], Any], target: Path, needed: int, what: str = "the model",
-    fix: str = "free some space or choose another output_dir",
-) -> None:
-    """Write a model into folder `target` (which may hold other files) so that it never looks half-written.
-
-    `write(staging)` writes the whole model into `target/.model.tmp/`; its files are flushed and then moved
-    into `target`, the marker files (config.json, modules.json) last and the old markers removed first. A
-    failure removes the staging folder; a full disk is one line with about `needed` bytes.
-    """
-    target = Path(target)
-    created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
-    staging = target / ".model.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        write(staging)
-        fsync_tree(staging)
-    except Exception as error:
-        written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.exists() else 0
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(target.iterdir()):
-            target.rmdir()
-        if is_out_of_space(error):
-            raise space_error(what, target, max(needed, written), fix) from error
-        raise
-    for marker in MODEL_MARKERS:
-        (target / marker).unlink(missing_ok=True)
-    order = {name: rank for rank, name in enumerate(MODEL_MARKERS, start=1)}
-    for item in sorted(staging.iterdir(), key=lambda p: (order.get(p.name, 0), p.name)):
-        destination = target / item.name
-        if destination.is_dir() and not destination.is_symlink():
-            shutil.rmtree(destination)
-        os.replace(item, destination)
-    staging.rmdir()
-    fsync_dir(target)

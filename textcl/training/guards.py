@@ -75,10 +75,10 @@ def step_is_finite(loss: Tensor | float | None, grad_norm: Tensor | float | None
 @dataclass
 class NonFiniteGuard:
     """Counts optimizer steps in a row whose loss or gradient norm was not finite. `observe` records a step
-    (its update is applied only when it was finite); `raise_if_diverged` stops the run after `max_steps` bad
+    (its update is applied only when it was finite); `raise_if_diverged` stops the run after `max_nonfinite_steps` bad
     steps in a row, naming `last_checkpoint`."""
 
-    max_steps: int = 3
+    max_nonfinite_steps: int = 3
     last_checkpoint: str | None = None
     streak: list[int] = field(default_factory=list)
 
@@ -88,7 +88,7 @@ class NonFiniteGuard:
         return ok
 
     def raise_if_diverged(self) -> None:
-        if len(self.streak) < self.max_steps:
+        if len(self.streak) < self.max_nonfinite_steps:
             return
         first, last = self.streak[0], self.streak[-1]
         steps = f"step {last}" if first == last else f"steps {first}-{last}"

@@ -20,22 +20,21 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from torch import nn
 from torch.utils.data import DataLoader
 
-from textcl.config import TrainConfig
 from textcl.errors import TextclError
 from textcl.losses.distributed import world
 from textcl.model.encoder import Encoder
+from textcl.training.plan import Launch
 
 
 def process_group_kwargs(ddp_timeout: int) -> list[Any]:
     """accelerate's kwargs handlers that give the process group a timeout of `ddp_timeout` seconds."""
-    if ddp_timeout < 1:
-        raise TextclError(f"ddp_timeout must be a positive number of seconds, got {ddp_timeout}")
     return [InitProcessGroupKwargs(timeout=timedelta(seconds=ddp_timeout))]
 
 
@@ -44,9 +43,9 @@ def launch_asks_for(name: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"
 
 
-def apply_launch_config(accelerator: Accelerator, config: TrainConfig) -> None:
-    """Make an FSDP launch config give FSDP on CPU too (see the module docstring); refuse DeepSpeed on CPU, and
-    what a sharded run cannot do, before any work is done."""
+def apply_launch_config(accelerator: Accelerator, per_device_train_batch_size: int) -> Launch:
+    """Make an FSDP launch config give FSDP on CPU too (see the module docstring), refuse DeepSpeed on CPU, give
+    DeepSpeed the batch size; returns the launch for the plan's checks (`textcl.training.plan.check_launch`)."""
     if accelerator.distributed_type == DistributedType.MULTI_CPU and launch_asks_for("DEEPSPEED"):
         raise TextclError("DeepSpeed needs GPUs: accelerate would silently run this DeepSpeed config as plain DDP on "
                           "CPU; launch with recipes/accelerate/ddp.yaml or fsdp.yaml instead")
@@ -56,23 +55,13 @@ def apply_launch_config(accelerator: Accelerator, config: TrainConfig) -> None:
         state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* environment
         if accelerator.mixed_precision != "no":
             state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
-    if accelerator.gradient_accumulation_steps != config.training.gradient_accumulation_steps:
-        raise TextclError(f"the launch sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps} "
-                          f"(its config or ACCELERATE_GRADIENT_ACCUMULATION_STEPS) but the recipe says "
-                          f"{config.training.gradient_accumulation_steps}: set it in the recipe only")
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:  # the model is prepared without the data, whose batches have no fixed size anyway
         plugin = accelerator.state.deepspeed_plugin
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.training.per_device_train_batch_size
-    if deepspeed and config.loss.gradcache_chunk_size:
-        raise TextclError("gradcache_chunk_size does not work under DeepSpeed (its engine owns the backward); "
-                          "launch with recipes/accelerate/fsdp.yaml or ddp.yaml, or drop gradcache_chunk_size")
-    if shards_parameters(accelerator) and config.loss.queue_size > 0:
-        raise TextclError("queue_size (a momentum encoder) needs every weight on every process: it does not work "
-                          "with FSDP or DeepSpeed ZeRO-3; use DDP or ZeRO-2, or set queue_size: 0")
-    if shards_parameters(accelerator) and deepspeed and (config.data.eval_sts or config.data.eval_beir):
-        raise TextclError("evaluation during training is not supported under DeepSpeed ZeRO-3: drop eval_sts and "
-                          "eval_beir and evaluate the saved model with `textcl eval`")
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_device_train_batch_size
+    return Launch(num_processes=accelerator.num_processes, device_type=accelerator.device.type,
+                  gradient_accumulation_steps=accelerator.gradient_accumulation_steps, deepspeed=deepspeed,
+                  shards_parameters=shards_parameters(accelerator))
 
 
 class WholeBatches:
@@ -144,6 +133,13 @@ def evaluation_encoder(accelerator: Accelerator, model: nn.Module, rebuild: Call
     encoder = rebuild().to(accelerator.device)
     encoder.load_state_dict(state)
     return encoder
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is True on any (all processes must take the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum") > 0)
 
 
 def is_collective_failure(error: BaseException) -> bool:

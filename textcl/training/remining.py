@@ -26,9 +26,10 @@ from textcl.data.collator import ContrastiveCollator
 from textcl.errors import TextclError
 from textcl.io.corpus import read_corpus
 from textcl.io.pairs import read_pairs
-from textcl.io.tables import provenance_path, read_provenance
+from textcl.io.tables import provenance_path
 from textcl.model.encoder import Encoder
 from textcl.retrieval.mining import mine_hard_negatives
+from textcl.retrieval.mining_record import MiningRecord
 
 # The mining settings a sidecar records that `mine_hard_negatives` takes again.
 MINING_SETTINGS = ("num_negatives", "range_min", "range_max", "max_score_ratio", "margin", "sampling", "factory",
@@ -44,14 +45,6 @@ class RemineSource:
     settings: dict[str, Any]
 
 
-def existing(path: str, relative_to: Path) -> str:
-    """`path` as recorded, else relative to the folder of the file that recorded it."""
-    if Path(path).exists():
-        return path
-    beside = relative_to / path
-    return str(beside) if beside.exists() else path
-
-
 def remine_source(data: DataArguments) -> RemineSource:
     """The corpus and mining settings of the run's one `train_data` source: a BEIR folder (its corpus, mining's
     defaults) or a table written by `textcl mine` (the data, corpus and settings its sidecar records)."""
@@ -60,18 +53,16 @@ def remine_source(data: DataArguments) -> RemineSource:
     if Path(source).is_dir():
         corpus = read_pairs(source, data.train_split)[2]
     else:
-        record = read_provenance(source)
-        if record is None or record.get("command") != "mine" or not record.get("data"):
+        record = MiningRecord.read(source)
+        if record is None:
             raise TextclError(f"remine_steps needs a BEIR folder or a file written by `textcl mine` (its sidecar "
                               f"{provenance_path(source).name} names the corpus); {source!r} has none")
-        folder = Path(source).parent
-        mined_from = existing(record["data"], folder)
-        if record.get("corpus"):
-            corpus = read_corpus(existing(record["corpus"], folder))[1]
+        if record.corpus:
+            corpus = read_corpus(record.corpus)[1]
         else:  # the default corpus of `textcl mine`: a BEIR folder's corpus, else every positive of the pairs
-            _, positives, corpus = read_pairs(mined_from, record.get("split") or "train")
+            _, positives, corpus = read_pairs(record.data, record.split or "train")
             corpus = corpus or list(dict.fromkeys(positives))
-        settings = {key: record["settings"][key] for key in MINING_SETTINGS if key in record.get("settings", {})}
+        settings = {key: record.settings[key] for key in MINING_SETTINGS if key in record.settings}
     if data.num_negatives is not None:
         settings["num_negatives"] = data.num_negatives
     settings.setdefault("num_negatives", DEFAULT_NUM_NEGATIVES)
@@ -94,8 +85,6 @@ class Remining:
 
     def __post_init__(self) -> None:
         self.pairs = list(self.negatives)
-        self.collator.row_keys = True
-        self.collator.num_negatives = max(self.collator.num_negatives, self.num_negatives)
 
     @property
     def num_negatives(self) -> int:
@@ -143,4 +132,13 @@ def build_remining(data: DataArguments, rows: Any, collator: ContrastiveCollator
     if any(positive is None for positive in rows["positive"]):
         raise TextclError("remine_steps needs a positive in every row (mining excludes it from the negatives)")
     negatives = {(a, p): list(n) for a, p, n in zip(rows["anchor"], rows["positive"], rows["negatives"])}
-    return Remining(data.remine_steps, negatives, remine_source(data), collator, precision)
+    remining = Remining(data.remine_steps, negatives, remine_source(data), collator, precision)
+    widen_collator(collator, remining.num_negatives)
+    return remining
+
+
+def widen_collator(collator: ContrastiveCollator, num_negatives: int) -> None:
+    """Make `collator` (in place) tag each batch with its rows' keys, which `Remining.apply` looks the current
+    negatives up by, and hold up to `num_negatives` negatives a row (re-mining may find more than the data had)."""
+    collator.row_keys = True
+    collator.num_negatives = max(collator.num_negatives, num_negatives)

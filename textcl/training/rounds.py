@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from textcl import __version__
 from textcl.config import TrainConfig
 from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock, write_folder, write_text_atomically
@@ -41,6 +40,8 @@ from textcl.model.encoder import Encoder
 from textcl.retrieval.corpus_embeddings import default_cache_dir
 from textcl.retrieval.mining import mine_hard_negatives
 from textcl.training import trainer
+from textcl.training.plan import RunPlan, plan_run
+from textcl.version import __version__
 
 MINED_FILE = "mined.jsonl"
 RECORD_FILE = "rounds.json"
@@ -116,10 +117,11 @@ def read_record(output_dir: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["rounds"] if path.is_file() else []
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run the training job `config` describes (`textcl train`): its mining rounds when it has `mining_rounds`,
-    else one run of the trainer; returns the final evaluation metrics."""
-    return train_rounds(config) if config.data.mining_rounds else trainer.train(config)
+def train(config: TrainConfig | RunPlan) -> dict[str, Any]:
+    """Run the training job `config` (or its RunPlan) describes (`textcl train`): its mining rounds when it has
+    `mining_rounds`, else one run of the trainer; returns the final evaluation metrics."""
+    plan = config if isinstance(config, RunPlan) else plan_run(config)
+    return train_rounds(plan.config) if plan.config.data.mining_rounds else trainer.train(plan)
 
 
 def train_rounds(config: TrainConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from textcl.config import LossArguments, ModelArguments, TrainConfig, TrainingArguments, instruction_prompt
+from textcl.config import DataArguments, LossArguments, ModelArguments, TrainingArguments, instruction_prompt
 from textcl.errors import TextclError
 from textcl.losses.distillation import DISTILLATION_LOSSES, DistilledLoss
 from textcl.losses.infonce import InfoNCELoss
@@ -75,12 +75,12 @@ def build_encoder(args: ModelArguments) -> Encoder:
     return encoder
 
 
-def source_query_prompts(config: TrainConfig, prompts: dict[str, str]) -> tuple[str, ...]:
+def source_query_prompts(model: ModelArguments, data: DataArguments, prompts: dict[str, str]) -> tuple[str, ...]:
     """The query prompt of each train_data source from `source_instructions` (its '' entries: the model's own
     "query" prompt); () when the recipe sets none."""
     default = prompts.get("query", "")
-    template = config.model.instruction_template
-    return tuple(instruction_prompt(template, task) if task else default for task in config.data.source_instructions)
+    template = model.instruction_template
+    return tuple(instruction_prompt(template, task) if task else default for task in data.source_instructions)
 
 
 def resolve_lora(lora: bool | None, encoder: Encoder) -> bool:
@@ -93,14 +93,6 @@ def resolve_lora(lora: bool | None, encoder: Encoder) -> bool:
               f"{LORA_AUTO_PARAMETERS / 1e9:.0f}B); set lora: false to train every weight", file=sys.stderr)
         return True
     return False
-
-
-def check_training_options(encoder: Encoder, config: TrainConfig) -> None:
-    """Stop before any data is read when gradient_checkpointing or torch_compile cannot work with this model."""
-    model = encoder.model.get_base_model() if is_adapter(encoder.model) else encoder.model
-    if config.training.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
-        raise TextclError(f"gradient_checkpointing: {type(model).__name__} does not support it; set "
-                          "gradient_checkpointing: false")
 
 
 def apply_training_options(encoder: Encoder, args: TrainingArguments) -> None:
@@ -142,20 +134,6 @@ def build_loss(args: LossArguments) -> nn.Module:
         options = {"temperature": args.distill_temperature} if args.distill_loss == "kl" else {}
         loss = DistilledLoss(loss, DISTILLATION_LOSSES[args.distill_loss](**options), args.distill_weight)
     return loss
-
-
-def reads_teacher_scores(args: LossArguments) -> bool:
-    """The run's loss needs the data's teacher scores (distill_loss kl or margin_mse)."""
-    return args.distill_loss in ("kl", "margin_mse")
-
-
-def check_distillation_data(args: LossArguments, num_negatives: int) -> None:
-    """KL and MarginMSE compare the positive with hard negatives (a softmax over the positive alone is 1): the data
-    must have some."""
-    if reads_teacher_scores(args) and num_negatives == 0:
-        raise TextclError(f"distill_loss {args.distill_loss} needs hard negatives in the data (with their teacher "
-                          "scores); mine them with `textcl mine TEACHER` (or `--teacher TEACHER`), or use distill_loss "
-                          "mse")
 
 
 def build_teacher(args: LossArguments, student: Encoder, device: torch.device) -> Encoder | None:

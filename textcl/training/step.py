@@ -29,11 +29,11 @@ from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from textcl.config import TrainConfig
 from textcl.losses.distributed import max_over_processes
 from textcl.losses.gradcache import gradcache_backward, split_batch
 from textcl.losses.queue import MomentumEncoder, NegativeQueue
 from textcl.model.encoder import Encoder
+from textcl.training.plan import StepOptions
 from textcl.training.statistics import contrastive_stats
 
 Features = dict[str, Tensor]
@@ -94,15 +94,6 @@ def split_views(embeddings: list[Tensor], batch: dict[str, Any]) -> tuple[Tensor
     return anchor, positive, negatives.view(*mask.shape, -1)
 
 
-def forward_chunk_size(config: TrainConfig, accelerator: Accelerator) -> int:
-    """Rows per forward: the recipe's `forward_chunk_size`, else 32 on CPU (less padding beats bigger
-    matrix products there) and whole groups on accelerators (0)."""
-    chosen = config.training.forward_chunk_size
-    if chosen is not None:
-        return chosen
-    return 32 if accelerator.device.type == "cpu" else 0
-
-
 def optimizer_step(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
     """`optimizer.step()`; False when it left the weights as they were (an fp16 overflow: inf or NaN gradients).
 
@@ -130,7 +121,7 @@ class StepRunner:
 
     def __init__(
         self,
-        config: TrainConfig,
+        options: StepOptions,
         model: nn.Module,
         loss: nn.Module,
         accelerator: Accelerator,
@@ -139,16 +130,16 @@ class StepRunner:
         teacher: Encoder | None = None,
     ) -> None:
         self.model, self.loss, self.accelerator = model, loss, accelerator
-        self.chunk_size = config.loss.gradcache_chunk_size
-        self.forward_chunk_size = forward_chunk_size(config, accelerator)
-        self.mask_duplicates = config.loss.mask_duplicate_texts
+        self.chunk_size = options.gradcache_chunk_size
+        self.forward_chunk_size = options.forward_chunk_size  # the plan's: 32 rows on CPU, whole groups on GPUs
+        self.mask_duplicates = options.mask_duplicate_texts
         self.momentum, self.guide, self.teacher = momentum, guide, teacher
         self.queue = None
         if momentum is not None:
             # Built before accelerate.prepare; DDP has since broadcast rank 0's weights, which differ from this
             # process's own wherever a head was initialised fresh (Dense, MLP head, LoRA): start from those.
             momentum.copy_from(accelerator.unwrap_model(model))
-            self.queue = NegativeQueue(config.loss.queue_size, accelerator.unwrap_model(model).dim)
+            self.queue = NegativeQueue(options.queue_size, accelerator.unwrap_model(model).dim)
             self.queue.to(accelerator.device)
         self.losses: list[Tensor] = []  # this process's loss of each micro-batch since the last optimizer step
         self.keys: list[Tensor] = []  # the momentum encoder's keys of each of those micro-batches

@@ -3,57 +3,56 @@ before and after, and the warnings that say a run did not help.
 
 Everything is read from the run's own records (metrics.jsonl: the step-0 evaluation of the base model, the
 logged losses, the final timing record), so the summary and the machine-readable files cannot disagree.
+Each evaluation is compared by its evaluator's headline (`textcl.evaluation.evaluators`).
 `run_warnings` adds "the evaluation got worse than the base model" to the guards' collapse and zero-loss
 warnings (`textcl.training.guards.training_warnings`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from textcl.evaluation.evaluators import Evaluator, evaluations_of, headline, headline_name
 from textcl.training.guards import training_warnings
 
-# The headline figure of each evaluation, the one the summary compares before and after.
-HEADLINES = (("sts", "spearman"), ("retrieval", "ndcg@10"), ("heldout", "ndcg@10"))
-EVALUATIONS = tuple(group for group, _ in HEADLINES)  # the keys of a metrics.jsonl record that hold an evaluation
 # A drop smaller than this is rounding noise in the printed figures, not a regression.
 WORSE_BY = 1e-4
 
 
-def headline_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """`{"sts.spearman": x, "retrieval.ndcg@10": y}` for the parts `evaluation` holds (an eval output
-    dict); a retrieval evaluation without k=10 uses its first nDCG."""
-    found = {}
-    for group, name in HEADLINES:
-        values = evaluation.get(group)
-        if not isinstance(values, dict):
-            continue
-        key = name if name in values else next((k for k in values if k.startswith(name.split("@")[0])), None)
-        if key is not None and isinstance(values[key], (int, float)):
-            found[f"{group}.{key}"] = float(values[key])
-    return found
+def headline_metrics(evaluation: dict[str, Any], evaluators: Sequence[Evaluator]) -> dict[str, float]:
+    """`{"sts.spearman": x, ...}`: each evaluator's headline figure that `evaluation` holds."""
+    found = {headline_name(evaluator): headline(evaluator, evaluation) for evaluator in evaluators}
+    return {name: value for name, value in found.items() if value is not None}
 
 
-def base_evaluation(records: list[dict[str, Any]]) -> dict[str, Any]:
+def base_evaluation(records: list[dict[str, Any]], evaluators: Sequence[Evaluator]) -> dict[str, Any]:
     """The evaluation of the base model: the metrics.jsonl record of step 0 ({} when none was logged)."""
     for record in records:
-        if record.get("step") == 0 and any(key in record for key in EVALUATIONS):
-            return {key: record[key] for key in EVALUATIONS if key in record}
+        if record.get("step") == 0 and evaluations_of(record, evaluators):
+            return evaluations_of(record, evaluators)
     return {}
 
 
-def worse_than_base(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """A warning for each headline metric the run lowered below the base model's."""
-    old, new = headline_metrics(before), headline_metrics(after)
-    return [f"{name} fell from {old[name]:.4f} (base model) to {new[name]:.4f}: the run made the model worse on "
-            "its evaluation set; check the data and labels, or lower learning_rate"
-            for name in old if name in new and new[name] < old[name] - WORSE_BY]
+def worse_than_base(before: dict[str, Any], after: dict[str, Any], evaluators: Sequence[Evaluator]) -> list[str]:
+    """A warning for each headline metric the run moved the wrong way from the base model's."""
+    warnings = []
+    for evaluator in evaluators:
+        old, new = headline(evaluator, before), headline(evaluator, after)
+        sign = 1 if evaluator.greater_is_better else -1
+        if old is not None and new is not None and sign * (new - old) < -WORSE_BY:
+            warnings.append(f"{headline_name(evaluator)} fell from {old:.4f} (base model) to {new:.4f}: the run made "
+                            "the model worse on its evaluation set; check the data and labels, or lower learning_rate")
+    return warnings
 
 
-def run_warnings(records: list[dict[str, Any]], batch_size: int, after: dict[str, Any]) -> list[str]:
+def run_warnings(
+    records: list[dict[str, Any]], batch_size: int, after: dict[str, Any], evaluators: Sequence[Evaluator]
+) -> list[str]:
     """Everything that says the run did not help: collapse, a zero loss (guards), a worse evaluation."""
-    return training_warnings(records, batch_size) + worse_than_base(base_evaluation(records), after)
+    before = base_evaluation(records, evaluators)
+    return training_warnings(records, batch_size) + worse_than_base(before, after, evaluators)
 
 
 def duration(seconds: float) -> str:
@@ -67,7 +66,9 @@ def duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m"
 
 
-def summary_lines(output_dir: str | Path, records: list[dict[str, Any]], after: dict[str, Any]) -> list[str]:
+def summary_lines(
+    output_dir: str | Path, records: list[dict[str, Any]], after: dict[str, Any], evaluators: Sequence[Evaluator]
+) -> list[str]:
     """The summary of a finished run from its metrics.jsonl `records` and the saved model's evaluation `after`."""
     timing = next((r for r in reversed(records) if "train_runtime" in r), {})
     steps = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
@@ -82,7 +83,8 @@ def summary_lines(output_dir: str | Path, records: list[dict[str, Any]], after: 
                      "that every batch with room already holds: see the warning before training)")
     if losses:
         lines.append(f"  final loss {losses[-1]:.4f} (first logged {losses[0]:.4f})")
-    before, new = headline_metrics(base_evaluation(records)), headline_metrics(after)
+    before = headline_metrics(base_evaluation(records, evaluators), evaluators)
+    new = headline_metrics(after, evaluators)
     for name, value in new.items():
         if name in before:
             lines.append(f"  {name}: {before[name]:.4f} (base model) -> {value:.4f} ({value - before[name]:+.4f})")

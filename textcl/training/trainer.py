@@ -1,20 +1,22 @@
 """The training loop on `accelerate`: one CPU to many GPUs with the same results semantics.
 
-`train(config)` builds the encoder, data, loss and optimizer, then steps until max_steps, logging to
-`output_dir/metrics.jsonl` (and the trackers in `report_to`), evaluating every `eval_steps`, and
-checkpointing atomically every `save_steps`. The final (or best) model is saved as a
-sentence-transformers folder with `textcl.json` holding the resolved config and final metrics.
+`train(config)` plans the run (`textcl.training.plan`), builds the encoder, data, loss and optimizer, then
+steps until the plan's total steps. After every optimizer step the run's actions (`textcl.training.actions`)
+log to `output_dir/metrics.jsonl` (and the trackers in `report_to`), re-mine, evaluate every `eval_steps` and
+checkpoint atomically every `save_steps`. The final (or best) model is saved as a sentence-transformers folder
+with `textcl.json` holding the resolved config and final metrics (`textcl.training.outputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,39 +27,23 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from textcl import __version__
-from textcl.config import TrainConfig
+from textcl.config import TrainConfig, TrainingArguments
 from textcl.data.loader import build_training_data
 from textcl.errors import TextclError
-from textcl.hub.model_card import TrainingRun, write_model_card
-from textcl.hub.push import push_to_hub, require_token
-from textcl.io.atomic import check_free_space, exclusive_lock, write_folder, write_text_atomically
-from textcl.io.sources import check_local_sources, data_sources
+from textcl.evaluation.evaluators import PairsEvaluator, run_evaluators
+from textcl.hub.model_card import TrainingRun
+from textcl.hub.push import require_token
+from textcl.io.atomic import check_free_space, exclusive_lock
 from textcl.model.device import default_device
 from textcl.model.encoder import Encoder
 from textcl.model.lora import is_adapter, merged
 from textcl.model.precision import resolve_precision
-from textcl.training.checkpoint import (
-    TrainingPosition,
-    any_process,
-    link_or_copy_tree,
-    load_checkpoint,
-    prepare_output_dir,
-    read_metrics,
-    resolve_resume,
-    save_checkpoint,
-    save_model_folder,
-    state_bytes,
-    trim_metrics,
-)
-from textcl.training.guards import (
-    NonFiniteGuard,
-    gradient_norm,
-    json_safe,
-    nonfinite_tensors,
-    step_is_finite,
-)
+from textcl.training.actions import Action, best_model_rule, default_actions, evaluators_for
+from textcl.training.checkpoint import TrainingPosition, load_checkpoint, resolve_resume, save_checkpoint
+from textcl.training.guards import NonFiniteGuard, gradient_norm, nonfinite_tensors, step_is_finite
+from textcl.training.outputs import RunOutputs, prepare_output_dir, state_bytes, trim_metrics
 from textcl.training.parallel import (
+    any_process,
     apply_launch_config,
     collective_failures,
     evaluation_encoder,
@@ -65,6 +51,7 @@ from textcl.training.parallel import (
     process_group_kwargs,
     shard_batches,
 )
+from textcl.training.plan import RunPlan, check_data, check_model, plan_run
 from textcl.training.remining import build_remining
 from textcl.training.setup import (
     apply_training_options,
@@ -73,113 +60,111 @@ from textcl.training.setup import (
     build_loss,
     build_optimizer,
     build_teacher,
-    check_distillation_data,
-    check_training_options,
     source_query_prompts,
-    reads_teacher_scores,
 )
 from textcl.training.step import StepRunner, optimizer_step
-from textcl.training.summary import EVALUATIONS, run_warnings, summary_lines
+from textcl.training.summary import run_warnings, summary_lines
 
 
-def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
-    """Optimizer steps of the run: max_steps, else the epochs' worth. accelerate also steps at the end of every
-    epoch, so an epoch of n batches takes ceil(n / gradient_accumulation_steps) steps (as in transformers)."""
-    args = config.training
-    if args.max_steps > 0:
-        return args.max_steps
-    if batches_per_epoch is None:
-        raise TextclError("streaming data has no length: set max_steps")
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-
-
-def lookup(metrics: dict[str, Any], dotted: str) -> float:
-    """`metrics["sts"]["spearman"]` for "sts.spearman"; a one-line error names what exists."""
-    value: Any = metrics
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise TextclError(f"metric_for_best_model {dotted!r} not in the evaluation results: {sorted(metrics)}")
-        value = value[part]
-    return float(value)
+def run_precision(args: TrainingArguments) -> tuple[str, str]:
+    """(precision, why): fp16 when asked, else what `bf16` resolves to on the run's device."""
+    if args.fp16:
+        return "fp16", "fp16: true"
+    use_cpu = args.use_cpu or not torch.cuda.is_available()
+    return resolve_precision(args.bf16, torch.device("cpu") if use_cpu else default_device())
 
 
 class Trainer:
-    """Holds the prepared objects of one run; `train()` is the public entry point."""
+    """Holds the prepared objects of one run and its loop; `train()` is the public entry point.
 
-    def __init__(self, config: TrainConfig) -> None:
-        self.config = config
+    `config` is a TrainConfig or the RunPlan made of it; `actions` run after every optimizer step, after the
+    run's own (`textcl.training.actions.default_actions`).
+    """
+
+    def __init__(self, config: TrainConfig | RunPlan, actions: Sequence[Action] = ()) -> None:
+        plan = config if isinstance(config, RunPlan) else plan_run(config)
+        self.config = config = plan.config
         args = config.training
-        if args.push_to_hub:
+        if plan.output.push_to_hub:
             require_token()  # a missing token stops the run before training, not after it
-        self.output_dir = Path(args.output_dir)
-        use_cpu = args.use_cpu or not torch.cuda.is_available()
-        self.precision, why = resolve_precision(args.bf16, torch.device("cpu") if use_cpu else default_device())
-        if args.fp16:
-            self.precision, why = "fp16", "fp16: true"
+        self.output_dir = plan.output.output_dir
+        self.precision, why = run_precision(args)
         # accelerate's state is process-wide: a second run in one process (a notebook) may change precision.
         # The partial state (the process group under a launcher) stays, as transformers' Trainer keeps it.
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
-            cpu=use_cpu,
+            cpu=args.use_cpu or not torch.cuda.is_available(),
             mixed_precision="no" if self.precision == "fp32" else self.precision,  # not the launch config's
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=args.report_to or None,
             project_dir=str(self.output_dir),
             kwargs_handlers=process_group_kwargs(args.ddp_timeout),
         )
-        apply_launch_config(self.accelerator, config)
+        self.plan = plan = plan.for_launch(apply_launch_config(self.accelerator, args.per_device_train_batch_size))
         if self.accelerator.is_main_process:
             print(f"textcl: training in {self.precision} ({why})")
         set_seed(args.seed, device_specific=True)
-        resuming = bool(args.resume_from_checkpoint)
         if self.accelerator.is_main_process:
-            prepare_output_dir(self.output_dir, args.overwrite_output_dir, resuming)
+            prepare_output_dir(self.output_dir, plan.output.overwrite_output_dir,
+                               bool(plan.output.resume_from_checkpoint))
         self.accelerator.wait_for_everyone()
-        self.encoder = build_encoder(config.model)
-        check_training_options(self.encoder, config)
-        with self.accelerator.main_process_first():
-            self.data = build_training_data(
-                config.data, tokenizer=self.encoder.tokenizer, max_seq_length=self.encoder.max_seq_length,
-                prompts=self.encoder.prompts, batch_size=args.per_device_train_batch_size, seed=args.seed,
-                drop_last=args.dataloader_drop_last, num_processes=self.accelerator.num_processes,
-                process_index=self.accelerator.process_index, teacher_scores=reads_teacher_scores(config.loss),
-                source_query_prompts=source_query_prompts(config, self.encoder.prompts),
-                prompt_length=None if self.encoder.include_prompt else self.encoder.prompt_length,
-            )
-        check_distillation_data(config.loss, self.data.num_negatives)
-        self.remining = build_remining(config.data, self.data.loader.dataset, self.data.collator,
-                                       self.precision if self.precision == "bf16" else "fp32")
-        self.loss = build_loss(config.loss)
-        self.optimizer = build_optimizer(self.encoder, self.loss, args)
-        momentum, guide = build_helpers(config.loss, self.encoder, self.accelerator.device)
-        teacher = build_teacher(config.loss, self.encoder, self.accelerator.device)
-        apply_training_options(self.encoder, args)  # after build_helpers: the momentum copy stays uncompiled
-        self.model, self.optimizer = self.accelerator.prepare(self.encoder, self.optimizer)
-        streaming = config.data.streaming  # streams are split between processes by the data, not by accelerate
-        self.prepared_loader = self.data.loader if streaming else shard_batches(self.accelerator, self.data.loader)
-        self.loss = self.loss.to(self.accelerator.device)
-        batches = None if streaming else len(self.prepared_loader)
-        self.max_steps = total_steps(config, batches)
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
-        # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per
-        # process, which is right only when the step count was computed for a single process.
-        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, warmup, self.max_steps)
+        self.rebuild = functools.partial(build_encoder, config.model)  # a fresh copy, for sharded weights
+        self.build_pieces(plan)
         self.position = TrainingPosition()
         self.rows_left_out = 0  # rows that fit in no batch of their epoch (see textcl.data.sampler), this process's epochs
-        self.steps = StepRunner(config, self.model, self.loss, self.accelerator, momentum, guide, teacher)
         # textcl's own state, saved as safetensors + JSON by textcl.training.checkpoint (never as pickles)
         self.objects = {"scheduler": self.scheduler, "position": self.position, "loss": self.loss}
         self.objects |= {type(helper).__name__: helper for helper in self.steps.stateful()}
         if self.remining is not None:
             self.objects["remining"] = self.remining
         self.guard = NonFiniteGuard(args.max_nonfinite_steps)
-        self.model_bytes, self.checkpoint_bytes = self.saved_bytes()
+        self.evaluators = evaluators_for(plan.evaluation)
+        if self.data.held_out:  # rows of the run's own data, kept out of training (eval_split)
+            self.evaluators.append(PairsEvaluator.of(self.data.held_out))
+        self.best_rule = best_model_rule(plan.evaluation, self.evaluators)
+        self.actions: list[Action] = [*default_actions(plan.evaluation, plan.output), *actions]
+        model_bytes, self.checkpoint_bytes = self.saved_bytes()
+        self.outputs = RunOutputs(plan.output, self.accelerator, model_bytes)
         # a disk too small fails now, not after hours of training (on every process: they all stop)
-        check_free_space(self.output_dir, self.model_bytes + (self.checkpoint_bytes if args.save_steps else 0),
+        check_free_space(self.output_dir, model_bytes + (self.checkpoint_bytes if plan.output.save_steps else 0),
                          "this run", "free some space or choose another output_dir")
-        self.resume_from = resolve_resume(self.output_dir, args.resume_from_checkpoint,
+        self.resume_from = resolve_resume(self.output_dir, plan.output.resume_from_checkpoint,
                                           self.accelerator.is_main_process)
+
+    def build_pieces(self, plan: RunPlan) -> None:
+        """Encoder, data, loss, optimizer, helpers, scheduler and step runner, in the order they need each other:
+        the model before the data (its tokenizer), the data before the distillation check, the helpers before
+        compiling (the momentum copy stays uncompiled), the prepared loader before the step count."""
+        config, args, accelerator = plan.config, plan.config.training, self.accelerator
+        self.encoder = build_encoder(config.model)
+        check_model(plan, self.encoder)
+        with accelerator.main_process_first():
+            self.data = build_training_data(
+                config.data, tokenizer=self.encoder.tokenizer, max_seq_length=self.encoder.max_seq_length,
+                prompts=self.encoder.prompts, batch_size=args.per_device_train_batch_size, seed=args.seed,
+                drop_last=args.dataloader_drop_last, num_processes=accelerator.num_processes,
+                process_index=accelerator.process_index, teacher_scores=plan.reads_teacher_scores,
+                source_query_prompts=source_query_prompts(config.model, config.data, self.encoder.prompts),
+                prompt_length=None if self.encoder.include_prompt else self.encoder.prompt_length,
+            )
+        check_data(plan, self.data.num_negatives)
+        self.remining = build_remining(config.data, self.data.loader.dataset, self.data.collator,
+                                       self.precision if self.precision == "bf16" else "fp32")
+        self.loss = build_loss(config.loss)
+        self.optimizer = build_optimizer(self.encoder, self.loss, args)
+        momentum, guide = build_helpers(config.loss, self.encoder, accelerator.device)
+        teacher = build_teacher(config.loss, self.encoder, accelerator.device)
+        apply_training_options(self.encoder, args)  # after build_helpers: the momentum copy stays uncompiled
+        self.model, self.optimizer = accelerator.prepare(self.encoder, self.optimizer)
+        streaming = config.data.streaming  # streams are split between processes by the data, not by accelerate
+        self.prepared_loader = self.data.loader if streaming else shard_batches(accelerator, self.data.loader)
+        self.loss = self.loss.to(accelerator.device)
+        self.total_steps = plan.schedule.total_steps(None if streaming else len(self.prepared_loader))
+        # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per
+        # process, which is right only when the step count was computed for a single process.
+        self.scheduler = get_scheduler(plan.schedule.lr_scheduler_type, self.optimizer,
+                                       plan.schedule.warmup(self.total_steps), self.total_steps)
+        self.steps = StepRunner(plan.step, self.model, self.loss, accelerator, momentum, guide, teacher)
 
     def start_epoch(self, epoch: int) -> None:
         """Point the data and accelerate's loader at `epoch`.
@@ -195,62 +180,41 @@ class Trainer:
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
 
-    def evaluate(self) -> dict[str, Any]:
-        """Evaluation on every process (corpus encoding is sharded across them); {} without eval sets."""
-        data, held_out = self.config.data, self.data.held_out
-        if not (data.eval_sts or data.eval_beir or held_out):
-            return {}
-        from textcl.evaluation.suite import evaluate, evaluate_pairs  # only with eval sets: no faiss, scipy else
+    def evaluation_encoder(self) -> Encoder:
+        """The encoder to evaluate or mine with, on every process (a full copy under FSDP)."""
+        return evaluation_encoder(self.accelerator, self.model, self.rebuild)
 
-        encoder = evaluation_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
-        results = evaluate(encoder, sts=data.eval_sts, beir=data.eval_beir, split=data.eval_beir_split) \
-            if data.eval_sts or data.eval_beir else {}
-        if held_out:  # rows of the run's own data, kept out of training (eval_split)
-            results["heldout"] = evaluate_pairs(encoder, held_out.anchors, held_out.positives, held_out.negatives)
-        return results
+    def evaluate(self) -> dict[str, Any]:
+        """The run's evaluators on every process (corpus encoding is sharded across them); {} without eval sets."""
+        if not self.evaluators:
+            return {}
+        return run_evaluators(self.evaluators, self.evaluation_encoder())
 
     def saved_bytes(self) -> tuple[int, int]:
         """About how many bytes the final model and one checkpoint take (weights; Adam's two moments of the
         trainable ones; the momentum encoder and queue)."""
-        adapter_only = is_adapter(self.encoder.model) and not self.config.model.lora_merge
+        adapter_only = is_adapter(self.encoder.model) and not self.plan.output.lora_merge
         model = state_bytes(self.encoder, trainable_only=adapter_only)
         helpers = sum(state_bytes(helper) for helper in self.steps.stateful())
         return model, state_bytes(self.encoder) + 2 * state_bytes(self.encoder, trainable_only=True) + helpers
 
-    def log(self, record: dict[str, Any]) -> None:
-        record = json_safe(record)  # NaN is not JSON: non-finite values are logged as null
-        if self.accelerator.is_main_process:
-            with (self.output_dir / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(record, allow_nan=False) + "\n")
-        flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        for group, values in record.items():
-            if isinstance(values, dict):
-                flat |= {f"{group}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
-        self.accelerator.log(flat, step=record["step"])
-
     def keep_best(self, metrics: dict[str, Any]) -> None:
-        """Save the model to best_model/ when the chosen metric improved."""
-        name = self.config.training.metric_for_best_model
-        if not name or not metrics:
+        """Save the model to best_model/ when the metric_for_best_model rule says it improved."""
+        if self.best_rule is None or not metrics:
             return
-        value = lookup(metrics, name)
-        best = self.position.best_metric
-        sign = 1 if self.config.training.greater_is_better else -1
-        if (best is None or sign * (value - best) > 0) and not self.weights_broken():
+        value = self.best_rule.value(metrics)
+        if self.best_rule.improves(value, self.position.best_metric) and not self.weights_broken():
             self.position.best_metric = value
-            encoder = self.trained_encoder()
-            if encoder is not None:
-                write_folder(self.output_dir / "best_model", encoder.save, "the best model", self.model_bytes)
-            self.accelerator.wait_for_everyone()
+            self.outputs.save_best(self.trained_encoder())
 
     def weights_broken(self) -> bool:
         """Some weight is NaN or infinite (on any process); such weights are never saved."""
         return any_process(self.accelerator, bool(nonfinite_tensors(self.model)))
 
-    def gradients(self) -> Any:
-        """The gradient norm after clipping to max_grad_norm (when set); None under fp16, whose gradient scaler
-        skips overflowing steps itself."""
-        max_norm = self.config.training.max_grad_norm
+    def clip_gradients(self) -> Any:
+        """Clip the gradients to max_grad_norm (when set) and return their norm before clipping; None under fp16,
+        whose gradient scaler skips overflowing steps itself."""
+        max_norm = self.plan.step.max_grad_norm
         if max_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         else:
@@ -266,190 +230,155 @@ class Trainer:
                 tqdm.write(f"textcl: warning: step {step}: no checkpoint written (non-finite loss, gradient or "
                            "weights)", file=sys.stderr)
             return
-        args = self.config.training
-        path = save_checkpoint(self.accelerator, self.output_dir, step, args.save_total_limit, self.objects,
-                               self.checkpoint_bytes)
+        path = save_checkpoint(self.accelerator, self.output_dir, step, self.plan.output.save_total_limit,
+                               self.objects, self.checkpoint_bytes)
         self.guard.last_checkpoint = str(path)
 
-    def train(self) -> dict[str, Any]:
-        args = self.config.training
+    def start(self) -> None:
+        """Before the first step: textcl.json, the trackers, the resumed state, the base model's evaluation."""
         accelerator = self.accelerator
         if accelerator.is_main_process:
-            self.write_run_file({})
+            self.outputs.write_run_file(self.config.to_dict(), {})
         accelerator.init_trackers("textcl", config={k: str(v) for k, v in self.config.to_dict().items()})
         if self.resume_from is not None:
             load_checkpoint(accelerator, self.resume_from, self.objects)
             self.guard.last_checkpoint = str(self.resume_from)
             if accelerator.is_main_process:
                 trim_metrics(self.output_dir, self.position.step)
-        position = self.position
-        if position.step == 0 and (self.config.data.eval_sts or self.config.data.eval_beir or self.data.held_out):
+        if self.position.step == 0 and self.evaluators:
             if accelerator.is_main_process:  # the "before" of the closing summary, logged as step 0
                 print("textcl: evaluating the base model (step 0)", file=sys.stderr)
-            self.log({"step": 0, **self.evaluate()})
+            self.outputs.log({"step": 0, **self.evaluate()})
+
+    def train(self) -> dict[str, Any]:
+        self.start()
+        accelerator, position = self.accelerator, self.position
         self.model.train()  # from_pretrained returns eval mode: no dropout, so no SimCSE positives
-        bar = tqdm(total=self.max_steps, initial=position.step, disable=not accelerator.is_main_process, desc="train")
-        started, samples = time.perf_counter(), 0
-        epochs = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else math.inf
-        while position.step < self.max_steps and position.epoch < epochs:
+        self.bar = tqdm(total=self.total_steps, initial=position.step, disable=not accelerator.is_main_process,
+                        desc="train")
+        self.started, self.samples = time.perf_counter(), 0
+        args = self.config.training
+        epochs = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else math.inf  # never past the epochs
+        while position.step < self.total_steps and position.epoch < epochs:
             self.start_epoch(position.epoch)
             loader = self.prepared_loader
             if position.batches_in_epoch:
                 loader = accelerator.skip_first_batches(loader, position.batches_in_epoch)
             for batch in self.steps.batches(loader if self.remining is None else self.remining.apply(loader)):
-                with accelerator.accumulate(self.model):
-                    loss = self.steps.backward(batch)
-                    finite = not accelerator.sync_gradients or not any_process(
-                        accelerator, not step_is_finite(loss, self.gradients()))
-                    # a non-finite step's gradients are discarded (see textcl.training.guards); an fp16
-                    # overflow is skipped by the gradient scaler itself
-                    stepped = finite and optimizer_step(accelerator, self.optimizer)
-                    self.optimizer.zero_grad(set_to_none=True)
-                position.batches_in_epoch += 1
-                samples += batch["anchor"]["input_ids"].shape[0] * accelerator.num_processes
-                if not accelerator.sync_gradients:
+                stepped = self.train_batch(batch)
+                if stepped is None:
                     continue
-                if stepped:
-                    self.scheduler.step()
-                loss = self.steps.end_step(skipped=not stepped)
-                if not self.guard.observe(position.step + 1, finite) and accelerator.is_main_process:
-                    tqdm.write(f"textcl: warning: step {position.step + 1}: non-finite loss or gradient; update "
-                               f"skipped ({len(self.guard.streak)} of {self.guard.max_steps} in a row stop the run)",
-                               file=sys.stderr)
-                position.step += 1
-                bar.update(1)
-                if position.step % args.logging_steps == 0 or position.step == self.max_steps:
-                    rate = samples / (time.perf_counter() - started)
-                    record = {"step": position.step, "epoch": position.epoch, "loss": loss,
-                              "learning_rate": self.scheduler.get_last_lr()[0], "samples_per_second": rate}
-                    record |= self.steps.statistics()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
-                                    sps=f"{rate:.1f}")
-                    self.log(record)
-                if len(self.guard.streak) >= self.guard.max_steps:
-                    bar.close()
-                    self.guard.raise_if_diverged()
-                if self.remining is not None and self.remining.due(position.step) and position.step < self.max_steps:
-                    encoder = evaluation_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
-                    self.log({"step": position.step, **self.remining.remine(encoder)})
-                if args.eval_steps and position.step % args.eval_steps == 0:
-                    metrics = self.evaluate()
-                    self.log({"step": position.step, **metrics})
-                    self.keep_best(metrics)
-                if args.save_steps and position.step % args.save_steps == 0:
-                    self.checkpoint()
-                if position.step >= self.max_steps:
+                for action in self.actions:
+                    action.on_step_end(self)
+                if position.step >= self.total_steps:
                     break
             else:
                 position.epoch += 1
                 position.batches_in_epoch = 0
-        bar.close()
-        runtime = time.perf_counter() - started
-        speed = {"train_runtime": runtime, "train_samples_per_second": samples / runtime}
+        self.bar.close()
+        runtime = time.perf_counter() - self.started
+        speed = {"train_runtime": runtime, "train_samples_per_second": self.samples / runtime}
         if self.rows_left_out:
             speed["rows_left_out"] = self.rows_left_out
-        self.log({"step": position.step, **speed})
+        self.outputs.log({"step": position.step, **speed})
         metrics = self.finish()
         if accelerator.is_main_process:
-            records, saved = read_metrics(self.output_dir), self.saved_evaluation(metrics)[0]
-            print("\n".join(summary_lines(self.output_dir, records, saved)))
-            batch = args.per_device_train_batch_size * accelerator.num_processes
-            for warning in run_warnings(records, batch, saved):
+            records, saved = self.outputs.records(), self.saved_evaluation(metrics)[0]
+            print("\n".join(summary_lines(self.output_dir, records, saved, self.evaluators)))
+            batch = self.config.training.per_device_train_batch_size * accelerator.num_processes
+            for warning in run_warnings(records, batch, saved, self.evaluators):
                 print(f"textcl: warning: {warning}", file=sys.stderr)
         return metrics | {"train": speed}
+
+    def train_batch(self, batch: dict[str, Any]) -> bool | None:
+        """Forward and backward of one batch, and the optimizer step when it closes one; returns whether the
+        weights were updated, None when the batch only accumulated gradients."""
+        accelerator, position = self.accelerator, self.position
+        with accelerator.accumulate(self.model):
+            loss = self.steps.backward(batch)
+            finite = not accelerator.sync_gradients or not any_process(
+                accelerator, not step_is_finite(loss, self.clip_gradients()))
+            # a non-finite step's gradients are discarded (see textcl.training.guards); an fp16
+            # overflow is skipped by the gradient scaler itself
+            stepped = finite and optimizer_step(accelerator, self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+        position.batches_in_epoch += 1
+        self.samples += batch["anchor"]["input_ids"].shape[0] * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            return None
+        if stepped:
+            self.scheduler.step()
+        self.last_loss = self.steps.end_step(skipped=not stepped)
+        if not self.guard.observe(position.step + 1, finite) and accelerator.is_main_process:
+            tqdm.write(f"textcl: warning: step {position.step + 1}: non-finite loss or gradient; update skipped "
+                       f"({len(self.guard.streak)} of {self.guard.max_nonfinite_steps} in a row stop the run)",
+                       file=sys.stderr)
+        position.step += 1
+        self.bar.update(1)
+        return stepped
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation, best-model selection, and the saved model folder; returns the evaluation."""
         metrics = self.evaluate()
         if metrics:
-            self.log({"step": self.position.step, **metrics})
+            self.outputs.log({"step": self.position.step, **metrics})
             self.keep_best(metrics)
-        best = self.output_dir / "best_model"
-        keep_best = bool(self.config.training.metric_for_best_model) and best.exists()
-        if not keep_best and self.weights_broken():
+        best = self.outputs.kept_best() if self.best_rule is not None else None
+        if best is None and self.weights_broken():
             broken = nonfinite_tensors(self.model)
             where = f" (e.g. {broken[0]})" if broken else ""
             last = self.guard.last_checkpoint or "none was written"
             raise TextclError(f"the trained weights hold non-finite values (NaN or inf){where}; no model saved "
                               f"(the last good checkpoint: {last}); lower learning_rate or set max_grad_norm")
-        encoder = None if keep_best else self.trained_encoder()
+        encoder = None if best is not None else self.trained_encoder()
         if self.accelerator.is_main_process:
-            self.install_model(metrics, encoder, best if keep_best else None)
-            self.write_run_file(metrics)
+            self.outputs.install(encoder, best, functools.partial(self.write_card, metrics),
+                                 self.guard.last_checkpoint)
+            self.outputs.write_run_file(self.config.to_dict(), metrics)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        args = self.config.training
-        if args.push_to_hub and self.accelerator.is_main_process:
-            repo_id = args.hub_model_id or self.output_dir.resolve().name
-            url = push_to_hub(self.output_dir, repo_id, private=args.hub_private_repo, revision=args.hub_revision)
-            print(f"pushed {self.output_dir} to {url}")
+        self.outputs.push()
         return metrics
-
-    def install_model(self, metrics: dict[str, Any], encoder: Encoder | None, best: Path | None) -> None:
-        """Write the final model (`encoder`, or the kept `best` folder) and its card into output_dir, never half a
-        model. Main process only."""
-        last = self.guard.last_checkpoint
-        fix = "free some space, then " + (f"resume with --resume_from_checkpoint latest ({Path(last).name} is intact)"
-                                          if last else "rerun (no checkpoint was written: set save_steps to keep one)")
-
-        def write(staging: Path) -> None:
-            if best is None:
-                encoder.save(staging)
-            else:
-                link_or_copy_tree(best, staging)
-            self.write_card(metrics, staging)
-
-        save_model_folder(write, self.output_dir, self.model_bytes, "the final model", fix)
-        if best is not None:
-            shutil.rmtree(best)
 
     def trained_encoder(self) -> Encoder | None:
         """The encoder to save on the main process (None on the others); with `lora_merge`, a copy with the
         adapter merged into full weights. Every process calls it: sharded weights are gathered first."""
-        encoder = full_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
-        if encoder is not None and self.config.model.lora_merge:
+        encoder = full_encoder(self.accelerator, self.model, self.rebuild)
+        if encoder is not None and self.plan.output.lora_merge:
             encoder = merged(encoder)
         return encoder
 
     def saved_evaluation(self, metrics: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
-        """(evaluation, step) of the saved model: the final `metrics`, or, when metric_for_best_model kept an
-        earlier model, that model's evaluation as logged in metrics.jsonl (step None: the final model)."""
-        name, best = self.config.training.metric_for_best_model, self.position.best_metric
-        if not name or best is None:
+        """(evaluation, step) of the saved model: the final `metrics`, or the kept best model's (step None: the
+        final model)."""
+        if self.best_rule is None:
             return metrics, None
-        for record in read_metrics(self.output_dir):
-            if any(key in record for key in EVALUATIONS) and lookup(record, name) == best:
-                return {key: record[key] for key in EVALUATIONS if key in record}, record["step"]
-        return metrics, None
+        return self.outputs.saved_evaluation(metrics, self.position.best_metric, self.best_rule.value,
+                                             self.evaluators)
 
-    def write_card(self, metrics: dict[str, Any], folder: Path) -> None:
+    def write_card(self, metrics: dict[str, Any], folder: Any) -> None:
         """folder/README.md describing this run."""
         evaluation, best_step = self.saved_evaluation(metrics)
         run = TrainingRun(
             config=self.config, metrics=evaluation, steps=self.position.step,
             num_processes=self.accelerator.num_processes, train_rows=self.data.rows, best_step=best_step,
-            precision=self.precision,
+            precision=self.precision, headlines=self.evaluators,
             dropout_positives=self.data.dropout_positives, hard_negatives=self.data.num_negatives > 0,
         )
-        model_id = self.config.training.hub_model_id or self.output_dir.resolve().name
-        write_model_card(self.unwrapped(), folder, run, model_id)
-
-    def write_run_file(self, metrics: dict[str, Any]) -> None:
-        """textcl.json: the resolved config (rerunnable as a recipe) and the final metrics."""
-        run = {"textcl_version": __version__, "config": self.config.to_dict(), "metrics": json_safe(metrics)}
-        write_text_atomically(self.output_dir / "textcl.json", json.dumps(run, indent=2) + "\n")
+        self.outputs.write_card(folder, self.unwrapped(), run)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run one training job described by `config`; returns the final evaluation metrics.
+def train(config: TrainConfig | RunPlan, actions: Sequence[Action] = ()) -> dict[str, Any]:
+    """Run one training job described by `config` (or its RunPlan); returns the final evaluation metrics.
+    `actions` run after every optimizer step, after the run's own (`textcl.training.actions`).
 
     The first process holds output_dir's write lock for the whole run, so a second run into the same folder is
     refused instead of mixing checkpoints with this one.
     """
-    if config.data.mining_rounds:  # the rounds driver calls this once a round, with mining_rounds 0
+    plan = config if isinstance(config, RunPlan) else plan_run(config)
+    if plan.config.data.mining_rounds:  # the rounds driver calls this once a round, with mining_rounds 0
         raise TextclError("mining_rounds runs through textcl.train (textcl.training.rounds), not the trainer alone")
-    check_local_sources(data_sources(config.data))  # a missing file is one line before the model loads
-    output_dir = Path(config.training.output_dir)
+    output_dir, ddp_timeout = plan.output.output_dir, plan.config.training.ddp_timeout
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
     existed = output_dir.is_dir()
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
@@ -458,10 +387,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         found = {path for path in output_dir.iterdir() if path.name != ".textcl.lock"} if output_dir.is_dir() else set()
         trainer = None
         try:
-            with collective_failures(lambda: 0, config.training.ddp_timeout):  # another process failed setting up
-                trainer = Trainer(config)
-            with collective_failures(lambda: min(trainer.position.step + 1, trainer.max_steps),
-                                     config.training.ddp_timeout):
+            with collective_failures(lambda: 0, ddp_timeout):  # another process failed setting up
+                trainer = Trainer(plan, actions)
+            with collective_failures(lambda: min(trainer.position.step + 1, trainer.total_steps), ddp_timeout):
                 return trainer.train()
         except BaseException:
             if first_process and (trainer is None or trainer.position.step == 0):
