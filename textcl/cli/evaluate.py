@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from textcl.cli.options import add_encoding_options, add_quantize_options, cache_dir_of, defaults_of, precision_of
+from textcl.cli.options import add_encoding_options, add_quantize_options, defaults_of, encode_options_of
 from textcl.errors import TextclError
 from textcl.evaluation.retrieval import evaluate_retrieval
 from textcl.evaluation.suite import evaluate, format_table
@@ -24,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=defaults["split"], help="qrels split of the BEIR folder")
     parser.add_argument("--k_values", nargs="+", type=int, default=list(defaults["k_values"]))
     parser.add_argument("--allow_missing", action="store_true", help="drop qrels naming unknown documents/queries")
-    add_encoding_options(parser, evaluate_retrieval)
+    add_encoding_options(parser)
     add_quantize_options(parser, evaluate_retrieval)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
 
@@ -36,10 +36,8 @@ def run(args: argparse.Namespace) -> None:
                            onnx_file=args.onnx_file)
     results = evaluate(
         encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
-        batch_size=args.batch_size, precision=precision_of(args), k_values=args.k_values,
-        query_prompt_name=args.query_prompt_name, document_prompt_name=args.document_prompt_name,
-        query_max_length=args.query_max_length, allow_missing=args.allow_missing, cache_dir=cache_dir_of(args),
-        show_progress_bar=True, quantize=args.quantize, rescore=args.rescore,
+        encode_options=encode_options_of(args), k_values=args.k_values, allow_missing=args.allow_missing,
+        quantize=args.quantize, rescore=args.rescore,
     )
     print(format_table(results))
     if args.json:

@@ -10,7 +10,7 @@ from textcl.errors import TextclError
 from textcl.hub.model_card import write_model_card
 from textcl.hub.push import push_to_hub
 from textcl.model.encoder import Encoder
-from textcl.model.lora import is_adapter_folder, merged
+from textcl.model.lora import is_adapter_folder
 
 
 def configure_push(parser: argparse.ArgumentParser) -> None:
@@ -40,5 +40,5 @@ def run_merge(args: argparse.Namespace) -> None:
     if not is_adapter_folder(Path(args.adapter)):
         raise TextclError(f"{args.adapter!r} holds no LoRA adapter (no adapter_config.json); "
                           "it is already a full model")
-    merged(Encoder.load(args.adapter, device="cpu")).save(args.output, model_card=write_model_card)
+    Encoder.load(args.adapter, device="cpu").merged().save(args.output, model_card=write_model_card)
     print(f"wrote {args.output}: {args.adapter} merged into its base model")

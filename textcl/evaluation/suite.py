@@ -15,31 +15,32 @@ from textcl.errors import TextclError
 from textcl.evaluation.retrieval import evaluate_retrieval
 from textcl.evaluation.retrieval_metrics import METRIC_NAMES
 from textcl.evaluation.sts import STS_COLUMNS, evaluate_sts
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.encode_options import EncodeOptions
+from textcl.model.text_encoder import TextEncoder
 
 
 def evaluate(
-    encoder: Encoder,
+    encoder: TextEncoder,
     sts: str | Path | Sequence[str | Path] | None = None,
     beir: str | Path | None = None,
     split: str = "test",
     sts_columns: Sequence[str] = STS_COLUMNS,
     *,
-    batch_size: int = ENCODE_BATCH_SIZE,
-    precision: str = "fp32",
+    encode_options: EncodeOptions = EncodeOptions(),
     **retrieval_options: Any,
 ) -> dict[str, dict[str, Any]]:
     """{"sts": evaluate_sts(...), "retrieval": evaluate_retrieval(...)}, each key present when asked for;
-    `retrieval_options` go to `evaluate_retrieval`."""
+    STS takes the batch size and precision of `encode_options`, retrieval all of them and
+    `retrieval_options`."""
     if not sts and not beir:
         raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
     results = {}
     if sts:
-        results["sts"] = evaluate_sts(encoder, sts, sts_columns, batch_size=batch_size, precision=precision)
+        results["sts"] = evaluate_sts(encoder, sts, sts_columns, batch_size=encode_options.batch_size,
+                                      precision=encode_options.precision)
     if beir:
-        results["retrieval"] = evaluate_retrieval(
-            encoder, beir, split, batch_size=batch_size, precision=precision, **retrieval_options
-        )
+        results["retrieval"] = evaluate_retrieval(encoder, beir, split, encode_options=encode_options,
+                                                  **retrieval_options)
     return results
 
 

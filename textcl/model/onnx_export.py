@@ -39,7 +39,7 @@ from textcl import __version__
 from textcl.errors import TextclError
 from textcl.model.encoder import Encoder
 from textcl.model.location import resolve_model_dir
-from textcl.model.lora import is_adapter, merged
+from textcl.model.lora import is_adapter
 from textcl.model.onnx_files import INT8_FILE, MODEL_FILE, ONNX_DIR, weights_digest
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def export_onnx(
                 f"{root} is a LoRA adapter: pass --out DIR to write the merged model and its ONNX export there "
                 f"(or run `textcl merge {root} MERGED` and export MERGED)"
             )
-        encoder = merged(encoder)
+        encoder = encoder.merged()
         encoder.save(out)
         root = Path(out)
     elif out is not None:

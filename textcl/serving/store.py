@@ -34,7 +34,7 @@ import torch
 
 from textcl.errors import TextclError
 from textcl.io.atomic import fsync_dir
-from textcl.model.encoder import Encoder
+from textcl.model.text_encoder import TextEncoder
 from textcl.retrieval.search_index import SearchIndex
 
 LOG_NAME = "serve-log.jsonl"
@@ -105,7 +105,7 @@ def log_header(root: Path) -> dict[str, str]:
 
 
 def load_index(
-    root: Path, encoder: Encoder | None, device: str | torch.device | None, backend: str | None = None,
+    root: Path, encoder: TextEncoder | None, device: str | torch.device | None, backend: str | None = None,
     onnx_file: str | None = None,
 ) -> SearchIndex:
     """`SearchIndex.load`, with a damaged folder reported as one line."""
@@ -134,7 +134,7 @@ class DurableIndex:
 
     @classmethod
     def open(
-        cls, root: str | Path, encoder: Encoder | None = None, device: str | torch.device | None = None,
+        cls, root: str | Path, encoder: TextEncoder | None = None, device: str | torch.device | None = None,
         snapshot_every: int = 1000, backend: str | None = None, onnx_file: str | None = None,
     ) -> DurableIndex:
         """Load the index in `root` (finishing an interrupted snapshot) and replay its log; without `encoder`,

@@ -34,7 +34,7 @@ from textcl.io.atomic import check_free_space, exclusive_lock, write_folder, wri
 from textcl.io.sources import check_local_sources, data_sources
 from textcl.model.device import default_device
 from textcl.model.encoder import Encoder
-from textcl.model.lora import is_adapter, merged
+from textcl.model.lora import is_adapter
 from textcl.model.precision import resolve_precision
 from textcl.training.checkpoint import (
     TrainingPosition,
@@ -392,7 +392,7 @@ class Trainer:
         adapter merged into full weights. Every process calls it: sharded weights are gathered first."""
         encoder = full_encoder(self.accelerator, self.model, lambda: build_encoder(self.config.model))
         if encoder is not None and self.config.model.lora_merge:
-            encoder = merged(encoder)
+            encoder = encoder.merged()
         return encoder
 
     def saved_evaluation(self, metrics: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
