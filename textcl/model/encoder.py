@@ -150,18 +150,7 @@ class Encoder(nn.Module, TextEncoder):
                 f"folder {str(root)!r} holds no model (no modules.json or config.json); "
                 "pass a folder saved by textcl, sentence-transformers or transformers"
             )
-        try:
-            if is_adapter_folder(spec.transformer_dir):
-                spec.model = load_adapter_model(spec.transformer_dir, trust_remote_code)
-            else:
-                spec.model = transformers.AutoModel.from_pretrained(spec.transformer_dir,
-                                                                    trust_remote_code=trust_remote_code)
-            spec.tokenizer = transformers.AutoTokenizer.from_pretrained(spec.transformer_dir,
-                                                                        trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as error:
-            reason = str(error).strip().splitlines()[0]
-            where = str(spec.transformer_dir)
-            raise TextclError(f"could not load the transformers model in {where!r}: {reason}") from error
+        load_transformer(spec, trust_remote_code)
         if spec.max_seq_length is None:
             spec.max_seq_length = default_max_length(spec.tokenizer,
                                                      getattr(spec.model.config, "max_position_embeddings", None))
@@ -263,6 +252,20 @@ class Encoder(nn.Module, TextEncoder):
         settings = [self.pooling, self.dense_activation, type(tokenizer).__name__, len(tokenizer)]
         digest.update(json.dumps(settings + [getattr(tokenizer, "name_or_path", "")]).encode())
         return digest.hexdigest()
+
+
+def load_transformer(spec: EncoderSpec, trust_remote_code: bool) -> None:
+    """Fill `spec.model` and `spec.tokenizer` from `spec.transformer_dir` (a transformers model or LoRA adapter)."""
+    folder = spec.transformer_dir
+    try:
+        if is_adapter_folder(folder):
+            spec.model = load_adapter_model(folder, trust_remote_code)
+        else:
+            spec.model = transformers.AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        spec.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise TextclError(f"could not load the transformers model in {str(folder)!r}: {reason}") from error
 
 
 @contextlib.contextmanager
