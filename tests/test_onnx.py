@@ -240,10 +240,10 @@ def test_a_served_index_runs_its_model_in_onnxruntime(tmp_path, exported):
         got = store.index.search(queries, k=3)
         assert got.ids.tolist() == expected.ids.tolist()
         assert np.allclose(got.scores, expected.scores, atol=1e-5)
-        with pytest.raises(TextclError, match="onnx_file applies to backend='onnx'"):
-            DurableIndex.open(folder, backend="torch", onnx_file="model_qint8.onnx")
     finally:
         store.close()
+    with pytest.raises(TextclError, match="onnx_file applies to backend='onnx'"):  # after: one server per folder
+        DurableIndex.open(folder, backend="torch", onnx_file="model_qint8.onnx")
 
 
 def test_cli_eval_with_onnx_backend_and_quantized_search(tmp_path, exported, capsys):

@@ -157,7 +157,7 @@ def test_health_page_and_openapi(server: str, model_dir: Path) -> None:
     status, health, _ = call(f"{server}/health")
     assert status == 200
     assert health | {"mean_batch_size": 0} == {
-        "status": "ok", "model": str(model_dir), "dimension": 32, "documents": len(SENTENCES) + 1,
+        "status": "ok", "model": model_dir.name, "dimension": 32, "documents": len(SENTENCES) + 1,
         "index_type": "Flat", "metric": "cosine", "max_batch_size": 64, "mean_batch_size": 0, "writes_need_key": True}
     status, page, headers = call(f"{server}/")
     assert status == 200 and headers["content-type"].startswith("text/html")
@@ -166,6 +166,19 @@ def test_health_page_and_openapi(server: str, model_dir: Path) -> None:
     status, spec, _ = call(f"{server}/openapi.json")
     assert status == 200 and {"/search", "/embed", "/documents", "/documents/{doc_id}", "/health"} <= set(spec["paths"])
     assert set(spec["components"]["schemas"]) >= {"SearchRequest", "SearchResponse", "Document", "Health", "Error"}
+
+
+def test_docs_work_offline(server: str) -> None:
+    """/docs loads Swagger UI from the server itself (the swagger-ui-bundle package), nothing from a CDN."""
+    status, page, _ = call(f"{server}/docs")
+    assert status == 200 and "swagger" in page.lower()
+    assert not re.search(r"https?://", page), "the docs page names no other server"
+    assets = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", page) + re.findall(r"""url:\s*'([^']+)'""", page)
+    assert len(assets) >= 3
+    for asset in assets:
+        assert asset.startswith("/"), asset
+        with NO_PROXY.open(f"{server}{asset}", timeout=60) as response:
+            assert response.status == 200 and len(response.read()) > 100, asset
 
 
 def bad_requests() -> list[tuple[str, dict[str, Any], int, str]]:
@@ -211,6 +224,16 @@ def bad_requests() -> list[tuple[str, dict[str, Any], int, str]]:
         ("write with another scheme", {**write, "headers": {"Authorization": f"Basic {KEY}"}, "body": [{"id": "n", "text": "t"}]},
          401, "writes need an API key"),
         ("delete without the key", {"path": "/documents/doc-1", "method": "DELETE"}, 401, "writes need an API key"),
+        # the key is checked before the body is read: a client without it learns nothing from the body's parsing
+        ("bad body without the key", {**write, "headers": {}, "raw": b'{"id":'}, 401, "writes need an API key"),
+        ("big body without the key", {**write, "headers": {}, "body": [{"id": "n", "text": "t" * 5000}]}, 401,
+         "writes need an API key"),
+        ("bad body with a wrong key", {**write, "headers": {"Authorization": "Bearer nope"}, "raw": b"[{"}, 403,
+         "wrong API key"),
+        # control characters in ids are refused: DELETE /documents/{id} could never match a newline
+        ("id with a newline", {**write, "body": [{"id": "line1\nline2", "text": "t"}]}, 422,
+         r"0.id: must not hold control characters \(it holds U\+000A\)"),
+        ("id with a NUL", {**write, "body": [{"id": "a\u0000b", "text": "t"}]}, 422, "U\\+0000"),
         ("delete an unknown id", {"path": "/documents/no-such-doc", "method": "DELETE", "headers": write["headers"]}, 404,
          "no document has the id 'no-such-doc'"),
         ("unknown path", {"path": "/nowhere"}, 404, "Not Found"),
@@ -362,11 +385,20 @@ def store_with_writes(index_dir: Path, tmp_path: Path, snapshot_every: int = 100
         vectors = store.index.encode(texts, "document")
         store.add([f"added-{n}"], texts, vectors)
     store.remove("doc-2")
+    release_lock(store)  # as after a crash, which releases the server lock; the tests below open the folder again
     return folder, store
 
 
+def release_lock(store: DurableIndex) -> None:
+    if store.lock is not None:
+        os.close(store.lock)
+        store.lock = None
+
+
 def served_ids(folder: Path) -> list[str]:
-    return DurableIndex.open(folder).index.ids.tolist()
+    store = DurableIndex.open(folder)
+    release_lock(store)
+    return store.index.ids.tolist()
 
 
 EXPECTED_AFTER_WRITES = [*IDS[:2], *IDS[3:], "xss", "added-0", "added-1", "added-2"]
@@ -380,6 +412,7 @@ def test_a_torn_last_log_line_is_cut_and_the_rest_replayed(index_dir: Path, tmp_
     assert store.index.ids.tolist() == EXPECTED_AFTER_WRITES and store.seq == 4
     assert (folder / LOG_NAME).read_bytes().endswith(b"\n"), "the torn line is gone"
     store.remove("added-0")
+    release_lock(store)
     assert served_ids(folder) == [key for key in EXPECTED_AFTER_WRITES if key != "added-0"]
 
 
@@ -560,7 +593,7 @@ def test_sigkill_during_a_stream_of_writes_loses_nothing(model_dir: Path, tmp_pa
         assert not writer.is_alive() and len(added) >= 10, f"{len(added)} documents acknowledged before the kill"
         all_added |= added
         all_deleted |= deleted
-        ids = DurableIndex.open(folder).index.ids.tolist()
+        ids = served_ids(folder)  # then the lock is free for the next round's server
         assert len(ids) == len(set(ids))
         assert all_added - all_deleted <= set(ids), "an acknowledged add was lost"
         assert not all_deleted & set(ids), "an acknowledged delete came back"

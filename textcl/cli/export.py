@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from textcl.cli.options import defaults_of
+from textcl.cli.options import add_overwrite_option, defaults_of
 from textcl.model.onnx_export import QUANTIZATIONS, export_onnx
 
 
@@ -19,9 +19,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_optimize", dest="optimize", action="store_false",
                         help="skip onnxruntime's fusions: standard ONNX ops only, for other runtimes (slower)")
     parser.set_defaults(optimize=defaults["optimize"])
+    add_overwrite_option(parser)
 
 
 def run(args: argparse.Namespace) -> None:
-    result = export_onnx(args.model, out=args.out, quantize=args.quantize, opset=args.opset, optimize=args.optimize)
+    result = export_onnx(args.model, out=args.out, quantize=args.quantize, opset=args.opset, optimize=args.optimize,
+                         overwrite=args.overwrite)
     for path in result.files:
         print(f"wrote {path} (lowest cosine to the torch model on sample texts: {result.cosines[path.name]:.6f})")

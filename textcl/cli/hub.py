@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from textcl.cli.options import defaults_of
+from textcl.cli.options import add_overwrite_option, defaults_of, save_model
 from textcl.errors import TextclError
-from textcl.hub.model_card import write_model_card
 from textcl.hub.push import push_to_hub
+from textcl.io.targets import check_model_target
 from textcl.model.encoder import Encoder
 from textcl.model.lora import is_adapter_folder
 
@@ -34,11 +34,13 @@ def run_push(args: argparse.Namespace) -> None:
 def configure_merge(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="adapter folder (a model trained with lora: true)")
     parser.add_argument("output", help="where to write the merged model")
+    add_overwrite_option(parser)
 
 
 def run_merge(args: argparse.Namespace) -> None:
     if not is_adapter_folder(Path(args.adapter)):
         raise TextclError(f"{args.adapter!r} holds no LoRA adapter (no adapter_config.json); "
                           "it is already a full model")
-    Encoder.load(args.adapter, device="cpu").merged().save(args.output, model_card=write_model_card)
+    check_model_target(args.output, args.overwrite)
+    save_model(Encoder.load(args.adapter, device="cpu").merged(), args.output)
     print(f"wrote {args.output}: {args.adapter} merged into its base model")

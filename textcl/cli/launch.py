@@ -6,16 +6,23 @@ The processes are started with accelerate's multi-GPU launcher (`accelerate laun
 gloo, whereas `--cpu --num_processes N` starts a single process. Each child writes a `TextclError` to a file
 named for its rank instead of printing it; when a child fails, the launcher's exception (and its traceback) is
 replaced by one line naming the rank that failed first and its error, and the exit code is 2.
+
+A child never outlives its launcher (`follow_launcher`): torch starts each in a session of its own, so neither
+the launcher's death nor a signal to its process group reaches them, and two runs could write one output_dir.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,32 @@ from textcl.errors import TextclError
 
 # set for the children: the folder where each writes its error as rank-<RANK>.txt
 ERRORS_DIR = "TEXTCL_LAUNCH_ERRORS"
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal this process gets when its parent dies
+WATCH_INTERVAL = 0.5  # seconds between the watchdog's looks at the parent
+
+
+def follow_launcher() -> None:
+    """In a process started by a launcher (torchrun, `accelerate launch`, `textcl train --num_processes`: LOCAL_RANK
+    is set), die with the launcher however it dies, SIGKILL included.
+
+    On Linux the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG, through ctypes: no library
+    wraps it); a watchdog thread that sees the parent PID change covers other systems and a parent that died
+    before the prctl. Checkpoints are written atomically, so the one left is the last complete one.
+    """
+    if "LOCAL_RANK" not in os.environ:
+        return
+    launcher = int(os.environ.get("TEXTCL_LAUNCHER_PID", os.getppid()))
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(WATCH_INTERVAL)
+        print(f"textcl: error: the launcher (process {launcher}) is gone; stopping training process "
+              f"{os.environ.get('RANK', '?')} (the last complete checkpoint stays)", file=sys.stderr, flush=True)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="textcl-launcher-watchdog", daemon=True).start()
 
 
 def report_error(error: TextclError) -> None:
@@ -76,6 +109,7 @@ def launch_training(num_processes: int, train_args: Sequence[str], verbose: bool
         if not verbose:
             elastic.setLevel(logging.CRITICAL)  # its "failed (exitcode: 2) ..." lines: the one line below says it
         os.environ[ERRORS_DIR] = errors
+        os.environ["TEXTCL_LAUNCHER_PID"] = str(os.getpid())  # the children's parent: see follow_launcher
         try:
             launch_command(args)
         except ChildFailedError as failure:
@@ -87,6 +121,7 @@ def launch_training(num_processes: int, train_args: Sequence[str], verbose: bool
             return 2
         finally:
             os.environ.pop(ERRORS_DIR, None)
+            os.environ.pop("TEXTCL_LAUNCHER_PID", None)
             elastic.setLevel(level)
     return 0
 

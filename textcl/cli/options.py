@@ -12,8 +12,11 @@ import argparse
 import inspect
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from textcl.hub.model_card import write_model_card
+from textcl.io.targets import write_model_folder
 from textcl.model.encode_options import EncodeOptions
 from textcl.model.encoder import BACKENDS, Encoder
 from textcl.model.precision import BF16_SETTINGS, resolve_precision
@@ -103,3 +106,19 @@ def encode_options_of(args: argparse.Namespace) -> EncodeOptions:
     names = ("query_prompt_name", "document_prompt_name", "query_max_length", "document_max_length", "batch_size")
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     return EncodeOptions(**given, precision=precision_of(args), cache_dir=cache_dir_of(args), show_progress_bar=True)
+
+
+OVERWRITE_HELP = "replace what the target folder holds (without it, an existing model or index there is refused)"
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """`--overwrite`, the same for every command that writes a model or index folder."""
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def save_model(encoder: Encoder, out: str | Path) -> None:
+    """Write `encoder` with its model card into `out`, replacing its old content in one rename (the card names
+    `out`, not the temporary folder it is written in)."""
+    name = Path(out).resolve().name
+    write_model_folder(out, lambda folder: encoder.save(folder, model_card=lambda enc, path: write_model_card(
+        enc, path, model_id=name)))

@@ -10,6 +10,7 @@ from textcl.cli.options import (
     add_backend_options,
     add_device_option,
     add_encoding_options,
+    add_overwrite_option,
     add_quantize_options,
     defaults_of,
     encode_options_of,
@@ -29,8 +30,7 @@ def configure_index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True,
                         help="text file (one document a line), table with 'text' (and 'id'), or BEIR folder")
     parser.add_argument("--out", required=True, help="index folder to write")
-    parser.add_argument("--overwrite", action="store_true", default=defaults_of(SearchIndex.save)["overwrite"],
-                        help="replace the index already in --out")
+    add_overwrite_option(parser)
     parser.add_argument("--factory", default=defaults["factory"],
                         help="faiss index_factory string, e.g. IVF1024,Flat or HNSW32")
     parser.add_argument("--search_params", default=defaults["search_params"],

@@ -24,6 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "at start-up")
     parser.add_argument("--out", default=None, help="with --corpus: keep the index (and its writes) in this folder")
     parser.add_argument("--host", default=defaults["host"], help="address to listen on (loopback: this machine only)")
+    parser.add_argument("--allowed_hosts", action="append", default=[], metavar="NAME",
+                        help="a host name clients may use in the Host header, repeatable (IP addresses, localhost "
+                        "and --host always work; '*': any name, which lets DNS-rebinding web pages in)")
     parser.add_argument("--port", type=int, default=defaults["port"], help="port (0: any free one)")
     parser.add_argument("--api-key-env", "--api_key_env", dest="api_key_env", default=None, metavar="VAR",
                         help="writes (POST/DELETE /documents) need `Authorization: Bearer $VAR`; reads never do")
@@ -35,6 +38,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="larger request bodies are refused (413)")
     parser.add_argument("--snapshot_every", type=int, default=defaults["snapshot_every"],
                         help="writes between snapshots of the whole index (a log keeps them in between)")
+    parser.add_argument("--receive_timeout", type=float, default=defaults["receive_timeout"],
+                        help="seconds a client has to send a whole request; slower connections are closed")
+    parser.add_argument("--max_connections", type=int, default=defaults["max_connections"],
+                        help="open connections at most; more are answered 503")
     add_device_option(parser)
     add_backend_options(parser, SearchIndex.load)
 
@@ -45,12 +52,14 @@ def run(args: argparse.Namespace) -> None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise TextclError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
-    for name in ("max_batch_size", "snapshot_every", "max_body_bytes"):
+    for name in ("max_batch_size", "snapshot_every", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise TextclError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.batch_wait_ms < 0:
         raise TextclError(f"--batch_wait_ms must not be negative, got {args.batch_wait_ms}")
+    if args.receive_timeout <= 0:
+        raise TextclError(f"--receive_timeout must be positive, got {args.receive_timeout}")
     settings = ServeSettings(args.host, args.port, args.max_batch_size, args.batch_wait_ms, args.max_body_bytes,
-                             args.snapshot_every)
+                             args.snapshot_every, args.allowed_hosts, args.receive_timeout, args.max_connections)
     serve(args.index, settings, corpus=args.corpus, out=args.out, device=args.device, api_key=api_key,
           backend=args.backend, onnx_file=args.onnx_file)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from textcl.cli.options import add_overwrite_option, save_model
 from textcl.errors import TextclError
-from textcl.hub.model_card import write_model_card
+from textcl.io.targets import check_model_target
 from textcl.model.encoder import Encoder
 from textcl.model.shrink import evenly_spaced, layer_stack, shrink
 
@@ -17,9 +18,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     chosen.add_argument("--layers", nargs="+", type=int, metavar="I", help="indices of the layers to keep, e.g. 0 2 4")
     chosen.add_argument("--num_layers", type=int, help="keep this many layers, evenly spaced (first and last kept)")
     parser.add_argument("--out", required=True, help="where to write the smaller model")
+    add_overwrite_option(parser)
 
 
 def run(args: argparse.Namespace) -> None:
+    check_model_target(args.out, args.overwrite)
     encoder = Encoder.load(args.model, device="cpu")
     parent, name = layer_stack(encoder.model)
     total = len(getattr(parent, name))
@@ -27,6 +30,6 @@ def run(args: argparse.Namespace) -> None:
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise TextclError("--out is the model's own folder; write the smaller model somewhere else")
     student = shrink(encoder, layers)
-    student.save(args.out, model_card=write_model_card)
+    save_model(student, args.out)
     print(f"wrote {args.out}: layers {layers} of {total} ({sum(p.numel() for p in student.parameters()):,} "
           f"parameters, from {sum(p.numel() for p in encoder.parameters()):,})")

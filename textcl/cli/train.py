@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import json
 
-from textcl.cli.launch import launch_training, leave_if_distributed
+from textcl.cli.launch import follow_launcher, launch_training, leave_if_distributed
 from textcl.config import PARTS, TrainConfig, load_config
 from textcl.io.sources import check_local_sources, data_sources, hub_dataset
 
@@ -60,6 +60,7 @@ def check_hub_sources(config: TrainConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int | None:
+    follow_launcher()  # a child of a launcher dies with it, before anything is loaded
     overrides = list(args.overrides)
     recipe = overrides.pop(0) if overrides and not overrides[0].startswith("-") else None
     config = load_config(recipe, overrides)

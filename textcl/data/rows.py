@@ -88,6 +88,9 @@ def score_of(value: Any, column: str, source: str, index: int) -> float:
     if math.isnan(score):
         raise TextclError(f"row {index + 1} of {source!r} has a text without a teacher score ({column}: {value!r}); "
                           "score the file again with `textcl score`")
+    if math.isinf(score):  # inf, "1e999" (overflows to inf), -inf: a non-finite loss for its whole batch
+        raise TextclError(f"row {index + 1} of {source!r} has an infinite teacher score ({column}: {value!r}); "
+                          "score the file again with `textcl score`")
     return score
 
 

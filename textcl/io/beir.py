@@ -79,6 +79,8 @@ def read_qrels(path: Path) -> list[tuple[str, str, int]]:
         query_id, doc_id, grade = (field.strip() for field in fields)
         try:
             rows.append((query_id, doc_id, int(float(grade))))
+        except OverflowError:  # inf, 1e999: a grade no metric can use
+            raise TextclError(f"{path}:{number}: relevance score {grade!r} is infinite") from None
         except ValueError:
             if number == 1 and not rows:
                 continue

@@ -25,6 +25,7 @@ from torch import nn
 
 from textcl.errors import TextclError
 from textcl.model.device import resolve_device
+from textcl.model.fit import check_vocabulary, fit_length, position_limit
 from textcl.model.location import resolve_model_dir
 from textcl.model.lora import add_lora, is_adapter_folder, load_adapter_model, merge_adapter
 from textcl.model.onnx_backend import OnnxEncoder
@@ -100,6 +101,11 @@ class Encoder(nn.Module, TextEncoder):
         return next(self.model.parameters()).device
 
     @property
+    def position_limit(self) -> int:
+        """The most tokens the model takes (a length asked beyond it is cut there; see textcl.model.fit)."""
+        return position_limit(self.model.config.to_dict()) or 1 << 30
+
+    @property
     def name_or_path(self) -> str:
         """Where the transformers model was loaded from (what a search index records as its model)."""
         return self.model.name_or_path
@@ -158,6 +164,9 @@ class Encoder(nn.Module, TextEncoder):
         for key, value in overrides.items():
             if value is not None:
                 setattr(spec, key, value)
+        config = spec.model.config.to_dict()
+        check_vocabulary(spec.tokenizer, config, root)
+        spec.max_seq_length = fit_length(spec.max_seq_length, config, root)
         return cls.from_spec(spec, mlp_head=mlp_head).to(device)
 
     @classmethod
@@ -205,7 +214,7 @@ class Encoder(nn.Module, TextEncoder):
                 list(texts),
                 padding=True,
                 truncation=True,
-                max_length=max_length or self.max_seq_length,
+                max_length=min(max_length or self.max_seq_length, self.position_limit),
                 return_tensors="pt",
             )
         )

@@ -24,8 +24,9 @@ import torch
 import transformers
 
 from textcl.errors import TextclError
+from textcl.model.fit import check_vocabulary, fit_length, position_limit
 from textcl.model.location import resolve_model_dir
-from textcl.model.onnx_files import MODEL_FILE, ONNX_DIR, weights_digest
+from textcl.model.onnx_files import MODEL_FILE, ONNX_DIR, check_file_digest, weights_digest
 from textcl.model.st_folder import read_st_folder
 from textcl.model.st_modules import read_json
 from textcl.model.text_encoder import TextEncoder
@@ -60,16 +61,17 @@ def session_providers(device: str | torch.device | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def folder_settings(folder: Path, tokenizer: Any) -> tuple[int, dict[str, str]]:
+def folder_settings(folder: Path, tokenizer: Any, config: dict[str, Any]) -> tuple[int, dict[str, str]]:
     """(max_seq_length, prompts) of `folder` as the torch `Encoder.load` reads them: its sentence-transformers
-    configs, else the same default truncation length (`default_max_length`)."""
+    configs, else the same default truncation length (`default_max_length` of the tokenizer and `config`, the
+    transformers config.json)."""
     if (folder / "modules.json").is_file():
         spec = read_st_folder(folder, settings_only=True)
         max_seq_length, prompts = spec.max_seq_length, spec.prompts
     else:
         max_seq_length, prompts = None, {}
     if max_seq_length is None:
-        max_seq_length = default_max_length(tokenizer, read_json(folder / "config.json").get("max_position_embeddings"))
+        max_seq_length = default_max_length(tokenizer, config.get("max_position_embeddings"))
     return max_seq_length, prompts
 
 
@@ -89,6 +91,7 @@ class OnnxEncoder(TextEncoder):
     dim: int
     max_seq_length: int
     prompts: dict[str, str]
+    position_limit: int  # the most tokens the graph's model takes (textcl.model.fit)
     backend: ClassVar[str] = "onnx"
 
     @property
@@ -123,6 +126,7 @@ class OnnxEncoder(TextEncoder):
 
         folder = resolve_model_dir(model_name_or_path, revision)
         path = find_onnx_file(folder, onnx_file)
+        check_file_digest(path)
         try:
             session = onnxruntime.InferenceSession(str(path), providers=session_providers(device))
         except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own Fail/InvalidGraph types
@@ -132,22 +136,25 @@ class OnnxEncoder(TextEncoder):
         if "sentence_embedding" not in outputs or "textcl_pooling" not in meta:
             raise TextclError(
                 f"{path} was not written by `textcl export` (its outputs are {', '.join(outputs)}, without pooling); "
-                f"run `textcl export {folder}`"
+                f"run `textcl export {folder} --overwrite`"
             )
         recorded, current = meta.get("textcl_weights_sha256"), weights_digest(folder)
         if recorded and current and recorded != current:
             raise TextclError(
                 f"{path} is stale: the weights in {folder} changed after it was exported; "
-                f"run `textcl export {folder}` again"
+                f"run `textcl export {folder} --overwrite`"
             )
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as error:
             raise TextclError(f"could not load the tokenizer in {str(folder)!r}: {str(error).splitlines()[0]}") from None
-        saved_length, saved_prompts = folder_settings(folder, tokenizer)
+        config = read_json(folder / "config.json")
+        check_vocabulary(tokenizer, config, folder)
+        saved_length, saved_prompts = folder_settings(folder, tokenizer, config)
         return cls(
             session, tokenizer, path, folder, meta["textcl_pooling"], json.loads(meta["textcl_normalize"]),
-            int(meta["textcl_dim"]), max_seq_length or saved_length, dict(prompts or saved_prompts),
+            int(meta["textcl_dim"]), fit_length(max_seq_length or saved_length, config, folder),
+            dict(prompts or saved_prompts), position_limit(config) or 1 << 30,
         )
 
     def fingerprint(self) -> str:

@@ -37,10 +37,11 @@ from torch import nn
 
 from textcl import __version__
 from textcl.errors import TextclError
+from textcl.io.targets import check_model_target, refusal, write_model_folder
 from textcl.model.encoder import Encoder
 from textcl.model.location import resolve_model_dir
 from textcl.model.lora import is_adapter
-from textcl.model.onnx_files import INT8_FILE, MODEL_FILE, ONNX_DIR, weights_digest
+from textcl.model.onnx_files import INT8_FILE, MODEL_FILE, ONNX_DIR, weights_digest, write_file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def export_onnx(
     quantize: str | None = None,
     opset: int = DEFAULT_OPSET,
     optimize: bool = True,
+    overwrite: bool = False,
 ) -> Export:
     """Write `onnx/model.onnx` (and `onnx/model_qint8.onnx` for `quantize="int8"`) into the model folder, or
     into `out`, which then becomes a full copy of the model folder. Returns what was written.
@@ -106,7 +108,9 @@ def export_onnx(
     A LoRA adapter folder is merged into its base model first, and that merged model is written to `out`.
     `optimize` fuses attention and layer norms with onnxruntime's transformer optimizer (faster on CPU; the
     graph then holds onnxruntime's contrib ops); False keeps standard ONNX ops only, for other runtimes.
-    Every fp32 graph is checked against the torch encoder (cosine >= 0.99999 on sample texts).
+    Every fp32 graph is checked against the torch encoder (cosine >= 0.99999 on sample texts). An existing
+    export in the folder, or an existing model in `out`, is replaced only with `overwrite`; `out` is written
+    in a temporary sibling and swapped in whole.
     """
     if opset not in OPSETS:
         raise TextclError(f"opset {opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} (default {DEFAULT_OPSET})")
@@ -115,20 +119,40 @@ def export_onnx(
     local = Path(model_name_or_path).expanduser().exists()
     if not local and out is None:
         raise TextclError(f"{model_name_or_path} is not a local folder; pass --out DIR to write the exported model there")
+    same = out is not None and local and Path(out).resolve() == Path(model_name_or_path).expanduser().resolve()
+    if out is not None and not same:
+        check_model_target(out, overwrite)  # before the slow part
     encoder = Encoder.load(model_name_or_path, device="cpu")
     root = resolve_model_dir(model_name_or_path)
-    if is_adapter(encoder.model):
-        if out is None:
+    adapter = is_adapter(encoder.model)
+    if adapter:
+        if out is None or same:
             raise TextclError(
                 f"{root} is a LoRA adapter: pass --out DIR to write the merged model and its ONNX export there "
                 f"(or run `textcl merge {root} MERGED` and export MERGED)"
             )
         encoder = encoder.merged()
-        encoder.save(out)
-        root = Path(out)
-    elif out is not None:
-        shutil.copytree(root, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_DIR, ".git"))
-        root = Path(out)
+    if out is None or same:
+        if (root / ONNX_DIR / MODEL_FILE).exists() and not overwrite:
+            raise refusal(root / ONNX_DIR, "an ONNX export")
+        return write_graphs(encoder, root, quantize, opset, optimize)
+    result = Export(Path(out))
+
+    def write(folder: Path) -> None:
+        if adapter:
+            encoder.save(folder)
+        else:
+            shutil.copytree(root, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_DIR, ".git", ".*"))
+        written = write_graphs(encoder, folder, quantize, opset, optimize)
+        result.files = [Path(out) / path.relative_to(folder) for path in written.files]
+        result.cosines = written.cosines
+
+    write_model_folder(out, write)
+    return result
+
+
+def write_graphs(encoder: Encoder, root: Path, quantize: str | None, opset: int, optimize: bool) -> Export:
+    """Trace, check and write the graphs of `encoder` into `root`/onnx/, each with its metadata and its hash."""
     encoder.eval()
     result = Export(root)
     (root / ONNX_DIR).mkdir(exist_ok=True)
@@ -155,6 +179,7 @@ def export_onnx(
             result.cosines[INT8_FILE] = min_cosine(encoder, int8)
             files.append(int8)
         for path in files:
+            write_file_digest(path, root / ONNX_DIR)
             os.replace(path, root / ONNX_DIR / path.name)
             result.files.append(root / ONNX_DIR / path.name)
     return result

@@ -1,4 +1,5 @@
-"""Where `textcl export` puts its files, and the digest of the weights a graph was exported from.
+"""Where `textcl export` puts its files, the digest of the weights a graph was exported from, and each graph's own
+digest (`onnx/model.onnx.sha256`, in `sha256sum`'s format, so `sha256sum -c` checks it too).
 
 Kept apart from the exporter (which needs the torch Encoder) so that the ONNX backend can read it alone.
 """
@@ -9,10 +10,13 @@ import hashlib
 import json
 from pathlib import Path
 
+from textcl.errors import TextclError
+
 ONNX_DIR = "onnx"
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model_qint8.onnx"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+DIGEST_SUFFIX = ".sha256"
 
 
 def weight_files(root: Path) -> list[Path]:
@@ -29,6 +33,32 @@ def weight_files(root: Path) -> list[Path]:
             if path.is_file() and decides:
                 files.append(path)
     return files
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_file_digest(path: Path, folder: Path) -> None:
+    """Write `folder/NAME.sha256` for the graph `path` (named NAME in `folder` once moved there), before the graph
+    itself is moved in: a graph without a matching digest is never taken for a good one."""
+    (folder / f"{path.name}{DIGEST_SUFFIX}").write_text(f"{file_digest(path)}  {path.name}\n", encoding="utf-8")
+
+
+def check_file_digest(path: Path) -> None:
+    """Refuse a graph whose bytes changed since it was exported (a flipped bit, a partial copy, an edit). Graphs
+    exported before textcl wrote digests have none, and are read unchecked."""
+    recorded_file = path.with_name(f"{path.name}{DIGEST_SUFFIX}")
+    if not recorded_file.is_file():
+        return
+    recorded = recorded_file.read_text(encoding="utf-8").split()[0]
+    if file_digest(path) != recorded:
+        raise TextclError(f"{path} changed since it was exported (its sha256 no longer matches {recorded_file.name}); "
+                          "export the model again (textcl export --overwrite)")
 
 
 def weights_digest(root: Path) -> str | None:

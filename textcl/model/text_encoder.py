@@ -28,8 +28,9 @@ class TextEncoder:
 
     Attributes every encoder has: `backend` ("torch" or "onnx", what a search index records), `tokenizer`,
     `prompts` (named prefixes such as {"query": "query: "}), `max_seq_length` (default truncation),
-    `normalize` (whether embeddings are L2-normalized), `dim` (their width) and `name_or_path` (where the
-    model was loaded from).
+    `normalize` (whether embeddings are L2-normalized), `dim` (their width), `name_or_path` (where the
+    model was loaded from) and `position_limit` (the most tokens the model takes: a longer max length is cut
+    there, `textcl.model.fit`).
     """
 
     backend: ClassVar[str]
@@ -39,6 +40,7 @@ class TextEncoder:
     normalize: bool
     dim: int
     name_or_path: str
+    position_limit: int
 
     def forward_arrays(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Padded int64 token arrays `[batch, seq]` (input_ids, attention_mask, token_type_ids where the tokenizer
@@ -89,7 +91,7 @@ class TextEncoder:
         out = np.empty((len(texts), dim), dtype=np.float32)
         running = self.running(precision)
         if texts:
-            max_length = max_seq_length or self.max_seq_length
+            max_length = min(max_seq_length or self.max_seq_length, self.position_limit)
             encoded = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
             lengths = np.array([len(ids) for ids in encoded["input_ids"]])
             order = np.argsort(-lengths, kind="stable")

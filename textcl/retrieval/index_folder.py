@@ -25,6 +25,7 @@ import numpy as np
 
 from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock, write_folder
+from textcl.io.targets import refusal, serving_process
 from textcl.retrieval.quantization import FLOAT_FILE
 
 INDEX_FILES = ("index.faiss", "ids.jsonl", "meta.json")
@@ -46,8 +47,10 @@ def check_index_target(path: Path, overwrite: bool) -> None:
         if not is_index_folder(path):
             raise TextclError(f"{str(path)!r} exists and is not a search index folder; choose a new folder")
         if not overwrite:
-            raise TextclError(f"{str(path)!r} already holds a search index; pass --overwrite (overwrite=True) "
-                              "to replace it")
+            raise refusal(path, "a search index")
+        if (server := serving_process(path)) is not None:  # its next snapshot would write over the new index
+            raise TextclError(f"{str(path)!r} is served by process {server}; stop that server before replacing "
+                              "the index")
 
 
 def portable_model_path(model: str, root: Path) -> str:

@@ -32,6 +32,7 @@ from textcl.io.tables import (
 )
 from textcl.model.encode_options import EncodeOptions
 from textcl.model.encoder import Encoder, hash_weights
+from textcl.model.fit import check_vocabulary, fit_length
 from textcl.model.location import resolve_model_dir
 from textcl.model.text_encoder import TextEncoder
 from textcl.retrieval.corpus_embeddings import computed_rows, encode_corpus
@@ -72,7 +73,13 @@ def load_teacher(model_name_or_path: str | Path, device: str | torch.device | No
         raise TextclError(f"{name} is a cross-encoder; scoring with it needs sentence-transformers "
                           "(pip install sentence-transformers)") from None
     device = None if device is None else str(device)
-    return Teacher(name, "cross-encoder", cross_encoder=CrossEncoder(str(resolve_model_dir(name)), device=device))
+    cross_encoder = CrossEncoder(str(resolve_model_dir(name)), device=device)
+    config = cross_encoder.model.config.to_dict()  # the same fit check as Encoder.load: before any pair meets it
+    check_vocabulary(cross_encoder.tokenizer, config, name)
+    length = cross_encoder.max_length or getattr(cross_encoder.tokenizer, "model_max_length", 0)
+    if 0 < length < 100_000:  # a tokenizer without a real limit says 1e30
+        cross_encoder.max_length = fit_length(length, config, name)
+    return Teacher(name, "cross-encoder", cross_encoder=cross_encoder)
 
 
 def score_pairs(

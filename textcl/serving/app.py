@@ -3,15 +3,18 @@
 Every error is JSON `{"detail": "one line"}` with a 4xx status that says whose fault it is: 422 for a body
 that parses but breaks the schema (empty query, k out of range, wrong type), 400 for one that does not
 parse (not JSON, not UTF-8), 415 for a body not sent as JSON, 413 over the size limit, 401/403 for a
-missing/wrong API key on a write, 404 for an unknown id, 409 for a duplicate id. OpenAPI docs are at /docs.
+missing/wrong API key on a write (checked before the body is read), 404 for an unknown id, 409 for a duplicate
+id, 400 for a Host header that does not name this server, and 507 (503) when the write log could not be written
+(a full disk): that write was not applied. OpenAPI docs are at /docs, served with the Swagger UI files of the
+swagger-ui-bundle package, so they work offline.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the routes defined inside
 # create_app, and a string annotation could not see the local `bearer` they depend on.
-import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from textcl.errors import TextclError
@@ -19,16 +22,21 @@ from textcl.errors import TextclError
 try:
     from fastapi import Depends, FastAPI, Path, Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel
     from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
+    from starlette.staticfiles import StaticFiles
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from swagger_ui_bundle import swagger_ui_path
 except ModuleNotFoundError as missing:
     raise TextclError(f"textcl serve needs {missing.name}: pip install \"textcl[serve]\"") from missing
 
 from textcl import __version__
+from textcl.retrieval.index_folder import model_location
+from textcl.serving.guards import HostCheck, KeyCheck
 from textcl.serving.schemas import (
     AddResponse,
     DeleteResponse,
@@ -41,12 +49,14 @@ from textcl.serving.schemas import (
     SearchResponse,
 )
 from textcl.serving.service import SearchService
-from textcl.serving.store import DuplicateIdError, NotRemovableError, UnknownIdError
+from textcl.serving.store import DuplicateIdError, LogWriteError, NotRemovableError, OutOfSpaceError, UnknownIdError
 
 PAGE = files("textcl.serving").joinpath("page.html").read_text(encoding="utf-8")
-STATUS_OF = {DuplicateIdError: 409, NotRemovableError: 409, UnknownIdError: 404}
+STATUS_OF = {DuplicateIdError: 409, NotRemovableError: 409, UnknownIdError: 404, OutOfSpaceError: 507,
+             LogWriteError: 503}
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 413, 415, 422)}
-WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{code: {"model": Error} for code in (401, 403)}}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{code: {"model": Error} for code in (401, 403, 503, 507)}}
+ASSETS = "/docs-assets"
 
 
 class BodyLimit:
@@ -102,8 +112,17 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def create_app(service: SearchService, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The FastAPI app over `service`; writes need `Authorization: Bearer <api_key>` when a key is given."""
+def public_model_name(model: str, root: FilePath) -> str:
+    """The model as /health shows it: a local folder by its name only (its absolute path is nobody's business),
+    a Hub id as is."""
+    local = FilePath(model_location(model, root))
+    return local.name if local.exists() else model
+
+
+def create_app(service: SearchService, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               allowed_hosts: set[str] | None = None) -> FastAPI:
+    """The FastAPI app over `service`; writes need `Authorization: Bearer <api_key>` when a key is given; with
+    `allowed_hosts` (see `textcl.serving.guards`), other Host headers are refused."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,19 +133,18 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     app = FastAPI(
         title="textcl search", version=__version__, lifespan=lifespan,
         description="Semantic search over a textcl index. Writes need `Authorization: Bearer KEY` when the "
-        "server was started with --api-key-env.",
+        "server was started with --api-key-env.", docs_url=None, redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(KeyCheck, api_key=api_key)  # added after BodyLimit: runs before it
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
+    app.mount(ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
     bearer = HTTPBearer(auto_error=False, description="the key in the variable named by --api-key-env")
 
     def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if api_key is None:
-            return
-        if credentials is None:
-            raise HTTPException(401, "writes need an API key: send the header Authorization: Bearer KEY",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(credentials.credentials.encode("utf-8"), api_key.encode("utf-8")):
-            raise HTTPException(403, "wrong API key")
+        """Declares the key in the OpenAPI schema; `KeyCheck` checked it before the body was read."""
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -152,11 +170,18 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE)
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - docs",
+                                   swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{ASSETS}/favicon-32x32.png")
+
     @app.get("/health")
     async def health() -> Health:
         index, batcher = service.index, service.batcher
         return Health(
-            model=index.meta["model"], dimension=index.meta["dim"], documents=len(index.ids),
+            model=public_model_name(index.meta["model"], service.store.root), dimension=index.meta["dim"], documents=len(index.ids),
             index_type=index.meta["factory"], metric=index.meta["metric"], max_batch_size=batcher.max_batch_size,
             mean_batch_size=batcher.batched_texts / max(batcher.batches, 1), writes_need_key=api_key is not None,
         )

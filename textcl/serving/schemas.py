@@ -1,12 +1,15 @@
 """The request and response bodies of the search service (pydantic models; FastAPI validates and documents them).
 
 Every text is a non-empty str that encodes to UTF-8 (JSON can spell a lone surrogate, `"\\ud800"`, which no
-file or tokenizer takes). Unknown fields are errors, so a misspelled `top_k` is not silently ignored.
+file or tokenizer takes). A document id holds no control character (a newline, a tab, U+0000...): ids travel in
+URL paths (DELETE /documents/{id}), in tab-separated qrels and in log lines, where those characters break or
+forge a line, so they are refused at POST (422) rather than made to match in one place. Unknown fields are errors, so a misspelled `top_k` is not silently ignored.
 """
 
 from __future__ import annotations
 
 import inspect
+import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StrictStr, WithJsonSchema
@@ -39,7 +42,16 @@ def check_texts(value: object) -> list[str]:
     return [check_text(text) for text in texts]
 
 
+def check_id(text: str) -> str:
+    check_text(text)
+    control = next((char for char in text if unicodedata.category(char) == "Cc"), None)
+    if control is not None:
+        raise ValueError(f"must not hold control characters (it holds U+{ord(control):04X})")
+    return text
+
+
 Text = Annotated[StrictStr, AfterValidator(check_text)]
+Id = Annotated[StrictStr, AfterValidator(check_id)]
 # One validator for `str | list[str]`, so a mistake gets one message instead of one per member of the union.
 Texts = Annotated[list[str], PlainValidator(check_texts), WithJsonSchema({"anyOf": [
     {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_TEXTS}]})]
@@ -81,7 +93,7 @@ class EmbedResponse(BaseModel):
 
 
 class Document(Strict):
-    id: Text
+    id: Id
     text: Text
 
 

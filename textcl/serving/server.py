@@ -6,7 +6,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from textcl.model.encode_options import EncodeOptions
 from textcl.model.encoder import Encoder
 from textcl.retrieval.search_index import SearchIndex
 from textcl.serving.app import create_app
+from textcl.serving.guards import allowed_host_names, deadline_protocol
 from textcl.serving.service import SearchService
 from textcl.serving.store import DurableIndex
 
@@ -38,6 +39,9 @@ class ServeSettings:
     batch_wait_ms: float = 2.0  # how long a batch's first query waits for company
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     snapshot_every: int = 1000  # writes between snapshots of the whole index (the log holds them meanwhile)
+    allowed_hosts: list[str] = field(default_factory=list)  # more names the Host header may carry; '*': any
+    receive_timeout: float = 10.0  # seconds a client has to send a whole request (headers and body)
+    max_connections: int = 1000  # open connections and requests in flight at most; more get 503
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -88,7 +92,8 @@ def serve(
     try:
         store = open_index(path, corpus, out or scratch, device, settings.snapshot_every, backend, onnx_file)
         service = SearchService(store, settings.max_batch_size, settings.batch_wait_ms)
-        app = create_app(service, api_key, settings.max_body_bytes)
+        app = create_app(service, api_key, settings.max_body_bytes,
+                         allowed_host_names(settings.host, settings.allowed_hosts))
         host, port = sock.getsockname()[:2]
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         print(f"textcl serve: {url} ({len(store.index.ids)} documents, {store.index.meta['model']}); "
@@ -99,7 +104,9 @@ def serve(
         if settings.host not in LOOPBACK and api_key is None:
             print("textcl serve: warning: other machines can reach this server and nothing guards writes; "
                   "set --api-key-env", file=sys.stderr, flush=True)
-        config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
+                                http=deadline_protocol(settings.receive_timeout),
+                                limit_concurrency=settings.max_connections, timeout_keep_alive=5)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

@@ -1,7 +1,9 @@
 """A search index whose adds and deletes survive a crash: a write-ahead log beside the index, and snapshots.
 
-Every write is one JSON line appended to `serve-log.jsonl` in the index folder and flushed to disk
-(`fdatasync`) before it is applied and acknowledged; an add carries its vectors, so replaying it needs no
+Every write is one JSON line appended to `serve-log.jsonl` in the index folder with `os.write` on an
+unbuffered descriptor and flushed to disk (`fdatasync`) before it is applied and acknowledged. A write that
+fails (a full disk) is cut off the log again and never applied, so no byte of it can reach the log later under
+another write's number; the caller gets `LogWriteError`, reads go on, and writes work again once there is space. an add carries its vectors, so replaying it needs no
 model and gives the same index. The log's first line names the saved index it continues (a hash of
 meta.json), so a log left beside a rebuilt index is refused instead of replayed onto it. Every `snapshot_every` writes, and when the server stops, the whole index is
 saved (`SearchIndex.save`) into `.snapshot/` and moved over the folder's files; meta.json then records the
@@ -27,13 +29,19 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a second server on one folder is not refused
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import torch
 
 from textcl.errors import TextclError
-from textcl.io.atomic import fsync_dir
+from textcl.io.atomic import SPACE_ERRNOS, fsync_dir, write_text_atomically
+from textcl.io.targets import SERVER_LOCK
 from textcl.model.text_encoder import TextEncoder
 from textcl.retrieval.search_index import SearchIndex
 
@@ -57,6 +65,38 @@ class NotRemovableError(TextclError):
     """The index type cannot remove documents (HTTP 409)."""
 
 
+class LogWriteError(TextclError):
+    """The write log could not be written; the write was not applied (HTTP 503)."""
+
+
+class OutOfSpaceError(LogWriteError):
+    """The write log's disk is full; the write was not applied (HTTP 507)."""
+
+
+def hold_server_lock(root: Path) -> int | None:
+    """Take the folder's server lock (a `flock` on `.serve.lock`, released when the process ends however it ends)
+    and write this PID into it; a folder another live server holds is refused with one line naming its PID.
+    Returns the descriptor to keep open while serving."""
+    if fcntl is None:
+        return None
+    path = root / SERVER_LOCK
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise TextclError(f"cannot write the lock of {str(root)!r} ({error.strerror}); serve a copy in a "
+                          "folder you can write to") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(descriptor)
+        raise TextclError(f"{str(root)!r} is already served by process {holder}; stop that server, or serve a "
+                          "copy of the folder") from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode("ascii"), 0)
+    return descriptor
+
+
 def encode_vectors(vectors: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")
 
@@ -77,7 +117,14 @@ def finish_snapshot(root: Path) -> None:
                 os.replace(path, root / path.name)
         fsync_dir(root)
     shutil.rmtree(snapshot)
+    drop_save_lock(root)
     fsync_dir(root)
+
+
+def drop_save_lock(root: Path) -> None:
+    """Delete the lock file `SearchIndex.save` leaves beside `.snapshot/`: the server lock already keeps every
+    other writer out of the folder, so nothing races for it, and the folder stays as `textcl index` wrote it."""
+    (root / f".{SNAPSHOT_DIR}.lock").unlink(missing_ok=True)
 
 
 def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -126,11 +173,13 @@ class DurableIndex:
 
     index: SearchIndex
     root: Path
-    log: BinaryIO
+    log: int  # an unbuffered descriptor opened O_APPEND: nothing of a failed write lingers in a buffer
+    lock: int | None  # the server lock's descriptor (`hold_server_lock`)
     seq: int
     snapshot_every: int = 1000
     writes_since_snapshot: int = 0
     known_ids: set[str] = field(default_factory=set, repr=False)
+    broken: str = ""  # why writes are refused until a restart ("": they are not)
 
     @classmethod
     def open(
@@ -140,6 +189,20 @@ class DurableIndex:
         """Load the index in `root` (finishing an interrupted snapshot) and replay its log; without `encoder`,
         the index's model is loaded as `SearchIndex.load` does (`device`, `backend`, `onnx_file`)."""
         root = Path(root)
+        lock = hold_server_lock(root) if root.is_dir() else None
+        try:
+            return cls.replay(root, lock, encoder, device, snapshot_every, backend, onnx_file)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+
+    @classmethod
+    def replay(
+        cls, root: Path, lock: int | None, encoder: TextEncoder | None, device: str | torch.device | None,
+        snapshot_every: int, backend: str | None, onnx_file: str | None,
+    ) -> DurableIndex:
+        """`open` once the server lock is held: finish a snapshot, load the index, replay the log."""
         finish_snapshot(root)
         index = load_index(root, encoder, device, backend, onnx_file)
         seq = int(index.meta.get(SEQ_KEY, 0))
@@ -155,17 +218,15 @@ class DurableIndex:
                 apply(index, record)
                 seq = record["seq"]
         try:
-            log = path.open("ab")
+            if not good:
+                restart_log(root)
+            log = os.open(path, os.O_WRONLY | os.O_APPEND)
+            if good:
+                os.ftruncate(log, good)  # a torn last line goes
         except OSError as error:
             raise TextclError(f"cannot write the log of {str(root)!r} ({error.strerror}); serve a copy in a "
                               "folder you can write to") from error
-        self = cls(index, root, log, seq, snapshot_every, max(len(records) - 1, 0), set(index.ids.tolist()))
-        if good:
-            log.truncate(good)
-            log.seek(good)
-        else:
-            self.restart_log()
-        return self
+        return cls(index, root, log, lock, seq, snapshot_every, max(len(records) - 1, 0), set(index.ids.tolist()))
 
     def check_new(self, ids: list[str]) -> None:
         """Raise `DuplicateIdError` when an id is indexed already or given twice."""
@@ -179,6 +240,7 @@ class DurableIndex:
     def add(self, ids: list[str], texts: list[str], vectors: np.ndarray) -> None:
         """Log, then index, documents with their vectors `[n, dim]`; durable when this returns."""
         self.check_new(ids)
+        self.check_writable()
         self.write({"op": "add", "ids": ids, "texts": texts, "vectors": encode_vectors(vectors)})
         self.index.add_vectors(ids, texts, vectors)
         self.known_ids.update(ids)
@@ -191,31 +253,57 @@ class DurableIndex:
         if not self.index.removable:
             raise NotRemovableError(f"a {self.index.meta['factory']} index cannot remove documents; "
                                     "serve a Flat, SQ or PQ index to delete")
+        self.check_writable()
         self.write({"op": "delete", "ids": [doc_id]})
         self.index.remove([doc_id])
         self.known_ids.discard(doc_id)
         self.after_write()
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record and flush it to disk; on failure the log is cut back, so nothing half-written stays."""
+        """Append one record and flush it to disk. On failure the log is cut back to where it ended, so no byte
+        of the record stays (nor reaches the log later: there is no buffer), and `LogWriteError` is raised."""
         line = json.dumps({"seq": self.seq + 1, **record}, ensure_ascii=False).encode("utf-8") + b"\n"
-        start = self.log.tell()
+        start = os.fstat(self.log).st_size
         try:
-            self.log.write(line)
-            self.log.flush()
-            os.fdatasync(self.log.fileno())
-        except OSError:
-            self.log.truncate(start)
-            raise
+            view = memoryview(line)
+            while view:  # a write may be short when the disk fills mid-record; the next one raises ENOSPC
+                view = view[os.write(self.log, view):]
+            os.fdatasync(self.log)
+        except OSError as error:
+            self.cut_back(start, error)
+            full = error.errno in SPACE_ERRNOS
+            kind = OutOfSpaceError if full else LogWriteError
+            raise kind(f"the write was not applied: the write log of the index could not be written "
+                       f"({error.strerror or error}); {'free some space' if full else 'check the disk'} and "
+                       "send it again") from error
         self.seq += 1
+
+    def cut_back(self, size: int, error: OSError) -> None:
+        """Cut the log back to `size` bytes after a failed write. Should even that fail, no write is taken
+        until a restart (whose replay cuts a torn last line), so a failed record never precedes a taken one."""
+        try:
+            os.ftruncate(self.log, size)
+            os.fdatasync(self.log)
+        except OSError as again:
+            self.broken = f"the write log could not be cut back after a failed write ({again.strerror})"
+            logger.error("textcl serve: %s; restart the server to take writes again", self.broken)
+
+    def check_writable(self) -> None:
+        if self.broken:
+            raise LogWriteError(f"{self.broken}; restart the server to take writes again")
 
     def after_write(self) -> None:
         self.writes_since_snapshot += 1
         if self.writes_since_snapshot >= self.snapshot_every:
-            try:
-                self.snapshot()
-            except OSError as error:  # the log still holds every write; the next write tries again
-                logger.warning("snapshot of %s failed (%s); the write log keeps growing", self.root, error)
+            self.try_snapshot("the write log keeps growing")
+
+    def try_snapshot(self, meanwhile: str) -> None:
+        """Snapshot; a failure (a full disk) is one logged line, since the log still holds every write."""
+        try:
+            self.snapshot()
+        except (OSError, TextclError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            logger.warning("textcl serve: the snapshot of %s failed (%s); %s", self.root, reason, meanwhile)
 
     def snapshot(self) -> None:
         """Save the whole index over the folder's files (atomically, see the module docstring); restart the log."""
@@ -223,30 +311,36 @@ class DurableIndex:
         if snapshot.exists():
             shutil.rmtree(snapshot)
         self.index.meta[SEQ_KEY] = self.seq
-        self.index.save(snapshot)
+        try:
+            self.index.save(snapshot)
+        finally:
+            drop_save_lock(self.root)
         for path in snapshot.iterdir():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
         (snapshot / COMPLETE).touch()
         fsync_dir(snapshot)
         finish_snapshot(self.root)
-        self.restart_log()
+        restart_log(self.root)
+        os.close(self.log)
+        self.log = os.open(self.root / LOG_NAME, os.O_WRONLY | os.O_APPEND)
         self.writes_since_snapshot = 0
 
-    def restart_log(self) -> None:
-        """Empty the log but for its header naming the index as saved now."""
-        self.log.truncate(0)
-        self.log.seek(0)
-        self.log.write(json.dumps(log_header(self.root)).encode("utf-8") + b"\n")
-        self.log.flush()
-        os.fsync(self.log.fileno())
-        fsync_dir(self.root)
-
     def close(self) -> None:
-        """Snapshot when anything was written since the last one, and close the log."""
+        """Snapshot when anything was written since the last one (a failure leaves the log to replay), close the
+        log and release the folder."""
         if self.writes_since_snapshot:
-            self.snapshot()
-        self.log.close()
+            self.try_snapshot("the write log holds every write and is replayed at the next start")
+        os.close(self.log)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+def restart_log(root: Path) -> None:
+    """Replace the log (atomically: a failure leaves the old one) by its header naming the index as saved now."""
+    write_text_atomically(root / LOG_NAME, json.dumps(log_header(root)) + "\n")
+    fsync_dir(root)
 
 
 def apply(index: SearchIndex, record: dict[str, Any]) -> None:

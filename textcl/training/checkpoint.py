@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from textcl import __version__
 from textcl.errors import TextclError
 from textcl.io.atomic import fsync_dir, fsync_tree, is_out_of_space, space_error, write_text_atomically
+from textcl.io.targets import refusal
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RUN_ARTIFACTS = ("checkpoint-*", ".checkpoint-*.tmp", "best_model", ".best_model.*", ".model.tmp", "metrics.jsonl",
@@ -418,12 +419,11 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> Non
     model (so a killed new run never leaves the old model looking like its result).
     """
     holds_run = output_dir.exists() and any(any(output_dir.glob(pattern)) for pattern in RUN_ARTIFACTS)
-    if holds_run and not (overwrite or resuming):
-        raise TextclError(
-            f"output_dir {str(output_dir)!r} already holds a run; pass --overwrite_output_dir true to replace it "
-            "or --resume_from_checkpoint latest to continue it"
-        )
-    if holds_run and overwrite and not resuming:
+    holds_model = output_dir.exists() and any(any(output_dir.glob(pattern)) for pattern in MODEL_MARKERS)
+    if (holds_run or holds_model) and not (overwrite or resuming):
+        refused = refusal(output_dir, "a run" if holds_run else "a model", "--overwrite_output_dir true")
+        raise TextclError(f"{refused}{' (or --resume_from_checkpoint latest to continue it)' if holds_run else ''}")
+    if (holds_run or holds_model) and overwrite and not resuming:
         for pattern in (*RUN_ARTIFACTS, *MODEL_MARKERS):
             for path in output_dir.glob(pattern):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
