@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SENTENCES
+from decoder_models import save_tiny_decoder_encoder
 from gloo_processes import run_processes
 from torch.nn.parallel import DistributedDataParallel
 
@@ -76,6 +77,17 @@ def assert_grads_close(got: dict[str, torch.Tensor], expected: dict[str, torch.T
         torch.testing.assert_close(got[name], value, atol=atol, rtol=0, msg=name)
 
 
+@pytest.fixture(scope="module")
+def tiny_decoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3 decoder embedder (left padding, EOS appended, last-token pooling) with attention dropout."""
+    return save_tiny_decoder_encoder(tmp_path_factory.mktemp("qwen3"), "qwen3", dropout=0.1)
+
+
+@pytest.fixture(params=["bert", "decoder"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue("tiny_model_dir" if request.param == "bert" else "tiny_decoder_dir")
+
+
 @pytest.mark.parametrize("chunk_size", [3, 4, 100])
 def test_gradcache_equals_plain_backprop_with_dropout(tiny_model_dir: Path, chunk_size: int) -> None:
     texts = batch_texts()
@@ -108,9 +120,9 @@ def test_gradcache_without_rng_replay_is_wrong(tiny_model_dir: Path, monkeypatch
     assert max((got[name] - expected[name]).abs().max().item() for name in expected) > 1e-3
 
 
-def test_gradcache_equals_one_full_forward_without_dropout(tiny_model_dir: Path) -> None:
+def test_gradcache_equals_one_full_forward_without_dropout(model_dir: Path) -> None:
     texts = batch_texts()
-    encoder, loss, groups = make_setup(tiny_model_dir, texts)
+    encoder, loss, groups = make_setup(model_dir, texts)
     encoder.eval()
     loss_fn = make_loss_fn(loss, texts[0], texts[2])
     gradcache_backward(encoder, groups, loss_fn, 3)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from conftest import SENTENCES, build_tiny_bert
+from decoder_models import save_tiny_decoder_encoder
 from gloo_processes import launch, run_processes
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -69,6 +70,9 @@ CASES: dict[str, dict] = {
     "remine": {"data": "mined", "remine_steps": 1, "learning_rate": 0.0, "max_steps": 2},
     "distill_mse": {"teacher": True, "distill_loss": "mse", "distill_weight": 5.0, "gradcache_chunk_size": 3,
                     "max_steps": 3},
+    # a tiny Qwen3 embedder (left padding, EOS appended), bidirectional, its instruction left out of mean pooling
+    "decoder": {"model": "decoder", "gradcache_chunk_size": 3, "max_steps": 3, "query_instruction": "Find the text",
+                "include_prompt": False, "bidirectional": True},
 }
 
 
@@ -142,10 +146,12 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict
         "scored": [str(write_jsonl(folder / "scored.jsonl", scored_rows()))],
         "teacher": [str(teacher)],
         "mined": [str(mined_file(folder, tiny_model_dir))],
+        "decoder": [str(save_tiny_decoder_encoder(folder / "decoder", "qwen3"))],
     }
 
 
 def overrides(model: Path, data: dict[str, list[str]], output: Path, case: dict, batch: int) -> list[str]:
+    model = Path(data[case["model"]][0]) if "model" in case else model
     settings = {"model_name_or_path": str(model), "train_data": data[case.get("data", "ragged")],
                 "output_dir": str(output), "per_device_train_batch_size": batch, "learning_rate": 1e-3,
                 "logging_steps": 1, "max_seq_length": 24, "dropout": 0.0, "pooling": "mean", "forward_chunk_size": 0}
@@ -154,7 +160,7 @@ def overrides(model: Path, data: dict[str, list[str]], output: Path, case: dict,
     if case.get("teacher"):  # a frozen teacher for distill_loss mse: the test model with other weights
         settings["teacher_model"] = data["teacher"][0]
     settings |= {key: value for key, value in case.items() if key not in ("data", "env", "output", "setup_only",
-                                                                            "evaluate", "teacher")}
+                                                                            "evaluate", "teacher", "model")}
     arguments = []
     for key, value in settings.items():
         values = value if isinstance(value, list) else [value]
@@ -275,6 +281,12 @@ def test_ragged_negatives_two_processes_equal_one_process(two: Path, one, name: 
     checkpointing too), an uneven last batch: the losses of one process with the doubled batch (GradCache and
     checkpointing compute plain backprop's gradients)."""
     assert_same_losses(losses(two / name), losses(one("ragged").output_dir))
+
+
+def test_decoder_two_processes_equal_one_process(two: Path, one) -> None:
+    """A decoder embedder under DDP with GradCache chunks of 3 on ragged negatives: one process x 16's losses."""
+    assert_same_losses(losses(two / "decoder"), losses(one("decoder").output_dir))
+    assert losses(one("decoder").output_dir) != pytest.approx(losses(one("ragged").output_dir), abs=1e-3)
 
 
 @pytest.mark.parametrize("name", ["distill_kl", "distill_mse"])

@@ -646,7 +646,7 @@ def test_the_page_in_a_real_browser(index_dir: Path, model_dir: Path, tmp_path: 
             wait = WebDriverWait(browser, 20)
             wait.until(lambda b: "documents" in b.find_element(By.ID, "health").text)
             assert browser.find_element(By.ID, "health").text == (
-                f"{model_dir.parent.name}/{model_dir.name} · 32 dimensions · {len(SENTENCES) + 1} documents · "
+                f"{model_dir.name} · 32 dimensions · {len(SENTENCES) + 1} documents · "
                 "Flat index (cosine)")
             k = browser.find_element(By.ID, "k")
             k.clear()

@@ -27,7 +27,7 @@ EXPORTS = {
     "load_beir": "textcl.io.beir",
     "load_config": "textcl.config",
     "mine_hard_negatives": "textcl.retrieval.mining",
-    "train": "textcl.training.trainer",
+    "train": "textcl.training.rounds",
 }
 
 __all__ = ["__version__", *EXPORTS]
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from textcl.model.pooling import POOLING_MODES
     from textcl.retrieval.mining import mine_hard_negatives
     from textcl.retrieval.search_index import SearchIndex
-    from textcl.training.trainer import train
+    from textcl.training.rounds import train
 
 
 def __getattr__(name: str) -> Any:

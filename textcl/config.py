@@ -35,16 +35,49 @@ class ModelArguments:
     dense_dim: int | None = field(default=None, metadata={"help": "Add a Dense projection to this many dims."})
     query_prompt: str | None = field(default=None, metadata={"help": "Prefix for anchors/queries, e.g. 'query: '."})
     document_prompt: str | None = field(default=None, metadata={"help": "Prefix for positives and negatives."})
+    query_instruction: str | None = field(
+        default=None,
+        metadata={"help": "The task of an instruction-following embedder (e.g. 'Given a web search query, retrieve "
+                  "relevant passages that answer the query'): the query prompt becomes instruction_template with "
+                  "this task; documents get none. Saved as the model's 'query' prompt."},
+    )
+    instruction_template: str = field(
+        default="Instruct: {task}\nQuery: {text}",
+        metadata={"help": "How query_instruction (and source_instructions) wrap a query: {task} is the instruction, "
+                  "{text} the query and must come last (e5-mistral's form; Qwen3-Embedding: "
+                  "'Instruct: {task}\\nQuery:{text}')."},
+    )
+    include_prompt: bool | None = field(
+        default=None,
+        metadata={"help": "Pool over the prompts' tokens too; false leaves the query prompt or instruction out of "
+                  "mean pooling (sentence-transformers' include_prompt, NV-Embed, gte). Default: the model "
+                  "folder's own, else true."},
+    )
+    append_eos_token: bool = field(
+        default=False,
+        metadata={"help": "Make the tokenizer end every text with its EOS token (saved in tokenizer.json), as "
+                  "decoder embedders trained with last_token pooling expect (Qwen3-Embedding, e5-mistral)."},
+    )
+    bidirectional: bool = field(
+        default=False,
+        metadata={"help": "Remove a decoder's causal mask (LLM2Vec, NV-Embed); saved in config.json as "
+                  "is_causal: false. An error for encoders and for families whose code ignores it."},
+    )
     dropout: float | None = field(default=None, metadata={"help": "Override the model's hidden/attention dropout."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
-    lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
+    lora: bool | None = field(
+        default=None,
+        metadata={"help": "Train a LoRA adapter (peft) instead of all weights. Default: LoRA for backbones over "
+                  "1B parameters (decoder LLMs), full fine-tuning below."},
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is alpha / r * B A."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch's input."})
     lora_target_modules: list[str] = field(
         default_factory=list,
-        metadata={"help": "Layers to adapt, e.g. query value, or all-linear (default: peft's choice for the "
-                  "architecture, else every linear layer but the pooler)."},
+        metadata={"help": "Layers to adapt, e.g. query value, or all-linear (default: for decoders every "
+                  "projection of their blocks, q_proj k_proj v_proj o_proj gate_proj up_proj down_proj or their "
+                  "family's names; for encoders peft's choice, else every linear layer but the pooler)."},
     )
     lora_merge: bool = field(
         default=False, metadata={"help": "Save the final model with the adapter merged in (a full model) instead "
@@ -83,6 +116,12 @@ class DataArguments:
         metadata={"help": "Rows whose positive is empty or null: error (names the rows), drop (counted and "
                   "reported), or dropout (such a row is its own positive through two dropout masks)."},
     )
+    source_instructions: list[str] = field(
+        default_factory=list,
+        metadata={"help": "One query_instruction task per train_data source, in order, wrapped by "
+                  "instruction_template ('' keeps the model's query prompt for that source). Training only: the "
+                  "saved model's 'query' prompt is query_instruction's."},
+    )
     batch_per_source: bool = field(
         default=False, metadata={"help": "Draw every batch from one train_data source (negatives from the same "
                                  "task), sources in proportion to their size."}
@@ -94,6 +133,17 @@ class DataArguments:
         default=0, metadata={"help": "Every N optimizer steps, re-encode the corpus with the model being trained and "
                              "replace each row's hard negatives (as `textcl mine` chooses them: its settings from the "
                              "mined file's sidecar, or its defaults for a BEIR folder; num_negatives wins); 0: off."}
+    )
+    mining_rounds: int = field(
+        default=0, metadata={"help": "Rounds of mine -> train in one run (0: off): round 1 mines hard negatives for "
+                             "train_data (a BEIR folder or pairs table) with the base model and trains on them; each "
+                             "later round mines with the previous round's model and trains again from the base model. "
+                             "output_dir holds round-N-negatives/, round-N-model/ and rounds.json; resumable."}
+    )
+    mining_options: list[str] = field(
+        default_factory=list, metadata={"help": "`textcl mine` settings for mining_rounds as key=value, e.g. "
+                                        "num_negatives=3 min_negatives=0 query_max_length=64; roundN.key=value "
+                                        "for round N only (round2.num_negatives=3)."}
     )
 
 
@@ -298,11 +348,51 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
         raise TextclError(f"missing_positive {config.data.missing_positive!r}: use one of {', '.join(MISSING_POSITIVE)}")
     if config.training.max_nonfinite_steps < 1:
         raise TextclError("max_nonfinite_steps must be at least 1 (1 stops at the first non-finite step)")
-    if config.model.lora_merge and not config.model.lora:
+    if config.model.lora_merge and config.model.lora is False:
         raise TextclError("lora_merge merges a LoRA adapter: set lora: true too, or drop lora_merge")
     check_distillation(config.loss)
     check_remining(config)
+    check_mining_rounds(config)
+    check_instructions(config)
     return config
+
+
+def check_mining_rounds(config: TrainConfig) -> None:
+    """mining_rounds mines one map-style train_data source; mining_options only with it."""
+    data = config.data
+    if data.mining_rounds < 0:
+        raise TextclError("mining_rounds must be >= 0 (0: off)")
+    if not data.mining_rounds:
+        if data.mining_options:
+            raise TextclError("mining_options set how mining_rounds mine; set mining_rounds too, or drop them")
+        return
+    if data.streaming or len(data.train_data) != 1:
+        raise TextclError("mining_rounds mines one train_data source (a BEIR folder or a pairs table), not streamed: "
+                          "set streaming: false and one train_data")
+    for option in data.mining_options:
+        if "=" not in option:
+            raise TextclError(f"mining_options {option!r}: write each as key=value, e.g. num_negatives=3")
+
+
+def instruction_prompt(template: str, task: str) -> str:
+    """The query prompt (a prefix) that wraps a query in `template` with `task`: "Instruct: {task}\\nQuery: {text}"
+    and "Find the answer" give "Instruct: Find the answer\\nQuery: "."""
+    if "{task}" not in template or not template.endswith("{text}") or template.count("{text}") != 1:
+        raise TextclError(f"instruction_template {template!r} must hold {{task}} and end with {{text}} (a prompt is "
+                          "a prefix), e.g. 'Instruct: {task}\\nQuery: {text}'")
+    return template.removesuffix("{text}").replace("{task}", task)
+
+
+def check_instructions(config: TrainConfig) -> None:
+    """query_instruction excludes query_prompt; source_instructions gives one task per train_data source."""
+    model, data = config.model, config.data
+    if model.query_instruction and model.query_prompt:
+        raise TextclError("query_instruction and query_prompt both set the query prompt; keep one")
+    if model.query_instruction or data.source_instructions:
+        instruction_prompt(model.instruction_template, "")
+    if data.source_instructions and len(data.source_instructions) != len(data.train_data):
+        raise TextclError(f"source_instructions holds {len(data.source_instructions)} tasks for "
+                          f"{len(data.train_data)} train_data sources: give one per source ('' for the default)")
 
 
 def check_remining(config: TrainConfig) -> None:

@@ -6,8 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from textcl.cli.options import add_encoding_options, add_quantize_options, defaults_of, encode_options_of
+from textcl.cli.options import (
+    add_encoding_options,
+    add_fusion_options,
+    add_quantize_options,
+    defaults_of,
+    encode_options_of,
+    fusion_of,
+)
 from textcl.errors import TextclError
+from textcl.evaluation.hybrid import evaluate_hybrid, format_comparison
 from textcl.evaluation.retrieval import evaluate_retrieval
 from textcl.evaluation.suite import evaluate, format_table
 from textcl.model.encoder import Encoder
@@ -26,20 +34,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow_missing", action="store_true", help="drop qrels naming unknown documents/queries")
     add_encoding_options(parser)
     add_quantize_options(parser, evaluate_retrieval)
+    add_fusion_options(parser, dev_folder=False)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
 
 
 def run(args: argparse.Namespace) -> None:
     if not args.sts and not args.beir:
         raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
+    fusion = fusion_of(args)
+    if args.hybrid and not args.beir:
+        raise TextclError("--hybrid compares dense, BM25 and fused retrieval on a BEIR folder; pass --beir DIR")
     encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device, backend=args.backend,
                            onnx_file=args.onnx_file)
-    results = evaluate(
-        encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
-        encode_options=encode_options_of(args), k_values=args.k_values, allow_missing=args.allow_missing,
-        quantize=args.quantize, rescore=args.rescore,
-    )
-    print(format_table(results))
+    options = encode_options_of(args)
+    if args.hybrid:
+        results = evaluate(encoder, sts=args.sts, sts_columns=args.sts_columns,
+                           encode_options=options) if args.sts else {}
+        if results:
+            print(format_table(results) + "\n")
+        results |= evaluate_hybrid(
+            encoder, args.beir, args.split, args.k_values, fusion, args.fusion_dev_split, args.fusion_dev_queries,
+            args.fusion_dev_seed, allow_missing=args.allow_missing, quantize=args.quantize, rescore=args.rescore,
+            encode_options=options,
+        )
+        print(format_comparison(results))
+    else:
+        results = evaluate(encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
+                           encode_options=options, k_values=args.k_values, allow_missing=args.allow_missing,
+                           quantize=args.quantize, rescore=args.rescore)
+        print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

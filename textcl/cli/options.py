@@ -15,12 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from textcl.errors import TextclError
+from textcl.evaluation.hybrid import evaluate_hybrid
 from textcl.hub.model_card import write_model_card
 from textcl.io.targets import write_model_folder
 from textcl.model.encode_options import EncodeOptions
 from textcl.model.encoder import BACKENDS, Encoder
 from textcl.model.precision import BF16_SETTINGS, resolve_precision
 from textcl.retrieval.corpus_embeddings import default_cache_dir
+from textcl.retrieval.fusion import FUSION_METHODS, FusionSettings
 from textcl.retrieval.quantization import SCHEMES
 
 
@@ -122,3 +125,31 @@ def save_model(encoder: Encoder, out: str | Path) -> None:
     name = Path(out).resolve().name
     write_model_folder(out, lambda folder: encoder.save(folder, model_card=lambda enc, path: write_model_card(
         enc, path, model_id=name)))
+
+
+def add_fusion_options(parser: argparse.ArgumentParser, dev_folder: bool) -> None:
+    """--hybrid and how its dense and BM25 rankings are fused (`textcl.retrieval.fusion`); `dev_folder` adds
+    --fusion_dev (a BEIR folder of dev queries) for commands not given one already."""
+    defaults = defaults_of(FusionSettings) | defaults_of(evaluate_hybrid)
+    parser.add_argument("--hybrid", action="store_true",
+                        help="BM25 (bm25s, English stemmer and stop words) beside the dense search, fused")
+    parser.add_argument("--fusion", choices=FUSION_METHODS, default=defaults["method"],
+                        help="rrf: reciprocal rank fusion; weighted: fusion_weight x dense + (1 - fusion_weight) x "
+                        "BM25, each min-max normalised (the weight chosen on --fusion_dev_split when given)")
+    parser.add_argument("--fusion_weight", type=float, default=defaults["weight"], help="weight of the dense side")
+    parser.add_argument("--fusion_depth", type=int, default=defaults["depth"],
+                        help="candidates each side contributes to the fusion")
+    if dev_folder:
+        parser.add_argument("--fusion_dev", default=None, metavar="DIR",
+                            help="BEIR folder whose queries and qrels (on this corpus) choose the fusion weight")
+    parser.add_argument("--fusion_dev_split", default=None, metavar="SPLIT",
+                        help="qrels split of the dev queries that choose the fusion weight (weighted fusion)")
+    parser.add_argument("--fusion_dev_queries", type=int, default=defaults["fusion_dev_queries"], metavar="N",
+                        help="choose on N of the split's queries, drawn with --fusion_dev_seed (0: all)")
+    parser.add_argument("--fusion_dev_seed", type=int, default=defaults["seed"])
+
+
+def fusion_of(args: argparse.Namespace) -> FusionSettings:
+    if not args.hybrid and (args.fusion_dev_split or getattr(args, "fusion_dev", None)):
+        raise TextclError("--fusion_dev_split chooses the fusion weight of a hybrid search; add --hybrid")
+    return FusionSettings(method=args.fusion, weight=args.fusion_weight, depth=args.fusion_depth)

@@ -12,6 +12,7 @@ import json
 
 from textcl.cli.launch import follow_launcher, launch_training, leave_if_distributed
 from textcl.config import PARTS, TrainConfig, load_config
+from textcl.errors import TextclError
 from textcl.io.sources import check_local_sources, data_sources, hub_dataset
 
 GROUP_NAMES = {"ModelArguments": "model", "DataArguments": "data", "LossArguments": "loss",
@@ -67,9 +68,11 @@ def run(args: argparse.Namespace) -> int | None:
     check_local_sources(data_sources(config.data), recipe)
     check_hub_sources(config)
     if args.num_processes is not None:
+        if config.data.mining_rounds:
+            raise TextclError("mining_rounds run in one process for now; drop --num_processes")
         return launch_training(args.num_processes, [*args.overrides, *(["--json"] if args.json else [])],
                                getattr(args, "verbose", False))
-    from textcl.training.trainer import train  # torch, accelerate, transformers: after the cheap checks
+    from textcl.training.rounds import train  # torch, accelerate, transformers: after the cheap checks
 
     metrics = train(config)
     if metrics and args.json:

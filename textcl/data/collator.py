@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,10 @@ class ContrastiveCollator:
     order, or None), `anchor_ids`, `positive_ids` `[B]`, and with `num_negatives` k > 0 `negative_ids` and
     `negative_mask` `[B, k]` (rows with fewer than k negatives are padded: id 0, mask False), else None;
     `labels` `[B]` or None.
+
+    `source_query_prompts`: the query prompt of each `train_data` source (rows then carry their `source`
+    index), replacing `query_prompt`. `prompt_length(prompt)`: given when the model pools without its prompts'
+    tokens; each tokenized group then holds `prompt_length` `[rows]` (see `Encoder.embed`).
     """
 
     tokenizer: Any
@@ -59,10 +64,25 @@ class ContrastiveCollator:
     augment: tuple[str, ...] = ()
     seed: int = 0
     row_keys: bool = False
+    source_query_prompts: tuple[str, ...] = ()
+    prompt_length: Callable[[str], int] | None = None
     epoch: int = field(default=0, repr=False)
 
-    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+    def tokenize(self, texts: list[str], max_length: int, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """`prompts[i] + texts[i]` tokenized and padded `[n, T]` (plus `prompt_length` `[n]`, see the class)."""
+        prompts = prompts if prompts is not None else [""] * len(texts)
+        batch = dict(self.tokenizer([p + t for p, t in zip(prompts, texts)], padding=True, truncation=True,
+                                    max_length=max_length, return_tensors="pt"))
+        if self.prompt_length is not None:
+            lengths = {prompt: self.prompt_length(prompt) for prompt in set(prompts)}
+            batch["prompt_length"] = torch.tensor([lengths[prompt] for prompt in prompts])
+        return batch
+
+    def query_prompts(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Each row's query prompt: its source's, else `query_prompt`."""
+        if self.source_query_prompts:
+            return [self.source_query_prompts[row["source"]] for row in rows]
+        return [self.query_prompt] * len(rows)
 
     def positives(self, rows: list[dict[str, Any]]) -> list[str] | None:
         """Positive texts, or None when every row is a plain dropout positive."""
@@ -82,7 +102,7 @@ class ContrastiveCollator:
         positives = self.positives(rows)
         documents = positives if positives is not None else anchors
         batch: dict[str, Any] = {
-            "anchor": self.tokenize([self.query_prompt + a for a in anchors], self.query_max_length),
+            "anchor": self.tokenize(anchors, self.query_max_length, self.query_prompts(rows)),
             "positive": None,
             "negatives": None,
             "anchor_ids": torch.tensor([text_id(a) for a in anchors]),
@@ -93,7 +113,7 @@ class ContrastiveCollator:
             "teacher_scores": None,
         }
         if positives is not None:
-            batch["positive"] = self.tokenize([self.document_prompt + p for p in positives], self.document_max_length)
+            batch["positive"] = self.tokenize(positives, self.document_max_length, [self.document_prompt] * len(rows))
         self.add_negatives(batch, [row["negatives"] for row in rows])
         if self.row_keys:
             batch["row_keys"] = [(row["anchor"], row["positive"]) for row in rows]
@@ -122,6 +142,6 @@ class ContrastiveCollator:
                 [[True] * len(row) + [False] * m for row, m in zip(negatives, missing)]
             )
             if flat_negatives:
-                texts = [self.document_prompt + n for n in flat_negatives]
-                batch["negatives"] = self.tokenize(texts, self.document_max_length)
+                prompts = [self.document_prompt] * len(flat_negatives)
+                batch["negatives"] = self.tokenize(flat_negatives, self.document_max_length, prompts)
         return batch

@@ -7,6 +7,7 @@ given the tokenizer, the process count and this process's index).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +64,13 @@ def build_training_data(
     num_processes: int = 1,
     process_index: int = 0,
     teacher_scores: bool = False,
+    source_query_prompts: tuple[str, ...] = (),
+    prompt_length: Callable[[str], int] | None = None,
 ) -> TrainingData:
     """Load the rows of `data` and batch them `batch_size` rows per process; errors name the fix before any
-    training starts. `teacher_scores`: read the data's `<column>_score` columns (distillation) into the batches. Streams are split between processes here; map-style batches are split by the caller
-    (accelerate's prepared loader)."""
+    training starts. `teacher_scores`: read the data's `<column>_score` columns (distillation) into the batches.
+    `source_query_prompts` and `prompt_length`: see `ContrastiveCollator`. Streams are split between processes
+    here; map-style batches are split by the caller (accelerate's prepared loader)."""
     unknown = set(data.augment) - set(AUGMENTATIONS)
     if unknown:
         raise TextclError(f"unknown augmentation {sorted(unknown)[0]!r}; valid: {', '.join(AUGMENTATIONS)}")
@@ -82,6 +86,8 @@ def build_training_data(
         document_prompt=prompts.get("document", ""),
         augment=tuple(data.augment),
         seed=seed,
+        source_query_prompts=tuple(source_query_prompts),
+        prompt_length=prompt_length,
     )
     generator = torch.Generator().manual_seed(seed)  # keeps DataLoader seeding off the global RNG
     summary = dict(dropout_positives=has_dropout_positives(rows), num_negatives=collator.num_negatives)
@@ -99,7 +105,8 @@ def build_training_data(
             f"the {len(rows)} training rows: lower per_device_train_batch_size"
         )
     ids, lengths, sources = row_index(rows, data.group_by_length)
-    sampler = NoDuplicatesBatchSampler(ids, batch_size, drop_last, seed, lengths, sources)
+    sampler = NoDuplicatesBatchSampler(ids, batch_size, drop_last, seed, lengths,
+                                       sources if data.batch_per_source else None)
     if process_index == 0:
         warn_about_small_batches([len(batch) for batch in sampler.batches], batch_size)
     loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collator, generator=generator)

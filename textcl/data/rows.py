@@ -228,16 +228,16 @@ def tag_source(batch: dict[str, list], index: int) -> dict[str, list]:
 
 def load_rows(args: DataArguments, report: bool = True, teacher_scores: bool = False) -> Any:
     """Rows of every source in `args.train_data`, concatenated (see module docstring), with a `source`
-    column (the source's index) when `batch_per_source` needs it, and `teacher_scores` when asked (every source
-    must have them); errors name the fix before any training starts, and dropped rows are reported (`report`)
-    by reason."""
+    column (the source's index) when `batch_per_source` or `source_instructions` needs it, and `teacher_scores`
+    when asked (every source must have them); errors name the fix before any training starts, and dropped rows
+    are reported (`report`) by reason."""
     parts = []
     for source in args.train_data:
         table = load_source(source, args)
         if not args.streaming and len(table) == 0:
             raise TextclError(f"train_data {source!r} has no rows")
         rows = to_rows(table, args, source, report, teacher_scores)
-        if args.batch_per_source:
+        if args.batch_per_source or args.source_instructions:
             rows = rows.map(tag_source, fn_kwargs={"index": len(parts)}, batched=True)
         parts.append(rows)
     rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

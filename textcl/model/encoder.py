@@ -24,17 +24,18 @@ import transformers
 from torch import nn
 
 from textcl.errors import TextclError
+from textcl.model.decoder import is_decoder, prepare_decoder
 from textcl.model.device import resolve_device
 from textcl.model.fit import check_vocabulary, fit_length, position_limit
 from textcl.model.location import resolve_model_dir
 from textcl.model.lora import add_lora, is_adapter_folder, load_adapter_model, merge_adapter
 from textcl.model.onnx_backend import OnnxEncoder
-from textcl.model.pooling import check_pooling_mode, pool
+from textcl.model.pooling import check_pooling_mode, exclude_prompt, pool
 from textcl.model.precision import autocast
 from textcl.model.spec import EncoderSpec
 from textcl.model.st_folder import read_st_folder, write_st_folder
 from textcl.model.text_encoder import TextEncoder
-from textcl.model.text_inputs import default_max_length
+from textcl.model.text_inputs import default_max_length, prompt_token_count
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Encoder(nn.Module, TextEncoder):
         dense: optional projection `[hidden] -> [dim]` exported with the model (sentence-transformers' Dense).
         dense_activation: "tanh" (sentence-transformers' default) or "identity".
         mlp_head: add SimCSE's Linear+Tanh head, applied only while training and never exported.
+        include_prompt: pool over a prompt's tokens too; False leaves them out (sentence-transformers'
+            `Pooling(include_prompt=False)`): `embed` then takes each row's `prompt_length`.
     """
 
     backend = "torch"  # `OnnxEncoder.backend` is "onnx"; a search index records which built it
@@ -70,6 +73,7 @@ class Encoder(nn.Module, TextEncoder):
         dense: nn.Linear | None = None,
         dense_activation: str = "tanh",
         mlp_head: bool = False,
+        include_prompt: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -78,6 +82,7 @@ class Encoder(nn.Module, TextEncoder):
         self.normalize = normalize
         self.max_seq_length = max_seq_length
         self.prompts = dict(prompts or {})
+        self.include_prompt = include_prompt
         self.dense = dense
         self.dense_activation = dense_activation
         self.activation = DENSE_ACTIVATIONS[dense_activation]()
@@ -157,6 +162,8 @@ class Encoder(nn.Module, TextEncoder):
                 "pass a folder saved by textcl, sentence-transformers or transformers"
             )
         load_transformer(spec, trust_remote_code)
+        if is_decoder(spec.model):
+            prepare_decoder(spec.model, spec.tokenizer)
         if spec.max_seq_length is None:
             spec.max_seq_length = default_max_length(spec.tokenizer,
                                                      getattr(spec.model.config, "max_position_embeddings", None))
@@ -173,13 +180,14 @@ class Encoder(nn.Module, TextEncoder):
     def from_spec(cls, spec: EncoderSpec, mlp_head: bool = False) -> Encoder:
         """The encoder a spec describes (its `model` and `tokenizer` loaded)."""
         return cls(spec.model, spec.tokenizer, spec.pooling, spec.normalize, spec.max_seq_length, spec.prompts,
-                   spec.dense, spec.dense_activation, mlp_head)
+                   spec.dense, spec.dense_activation, mlp_head, spec.include_prompt)
 
     def spec(self) -> EncoderSpec:
         """What a saved folder holds of this encoder (the training-only MLP head is not part of it)."""
         return EncoderSpec(model=self.model, tokenizer=self.tokenizer, hidden_size=self.hidden_size,
                            max_seq_length=self.max_seq_length, pooling=self.pooling, dense=self.dense,
-                           dense_activation=self.dense_activation, normalize=self.normalize, prompts=self.prompts)
+                           dense_activation=self.dense_activation, normalize=self.normalize, prompts=self.prompts,
+                           include_prompt=self.include_prompt)
 
     def save(self, path: str | Path, model_card: Callable[[Encoder, Path], None] | None = None) -> None:
         """Write the model as a sentence-transformers folder (`textcl.model.st_folder`); `model_card(encoder,
@@ -225,10 +233,24 @@ class Encoder(nn.Module, TextEncoder):
         weights' own precision)."""
         return self.embed(input_ids, attention_mask, **inputs)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
-        """Tokenized batch `[batch, seq]` -> embeddings `[batch, dim]` (MLP head included while training)."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_length: int | torch.Tensor | None = None,
+        **inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Tokenized batch `[batch, seq]` -> embeddings `[batch, dim]` (MLP head included while training).
+        `prompt_length` (an int or `[batch]`): the prompt's tokens at the start of each row, left out of pooling
+        when `include_prompt` is False."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        if prompt_length is not None and not self.include_prompt:
+            attention_mask = exclude_prompt(attention_mask, prompt_length)
         return self.head(hidden, attention_mask)
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens `prompt` takes at the start of a text (`text_inputs.prompt_token_count`)."""
+        return prompt_token_count(self.tokenizer, prompt)
 
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token embeddings `[batch, seq, hidden]` -> embeddings `[batch, dim]`: pooling, Dense, MLP head (training
@@ -246,12 +268,12 @@ class Encoder(nn.Module, TextEncoder):
         """Eval mode (restored after), inference mode, and bf16 autocast for precision "bf16"."""
         return evaluating(self, autocast(self.device, precision))
 
-    def forward_arrays(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def forward_arrays(self, batch: dict[str, np.ndarray], prompt_length: int | None = None) -> np.ndarray:
         """Padded token arrays `[batch, seq]` -> float32 embeddings `[batch, dim]` through `embed` (not `forward`,
         which accelerate may wrap for mixed precision: inference stays in the weights' own precision)."""
         device = self.device
         tensors = {key: torch.from_numpy(array).to(device) for key, array in batch.items()}
-        return self.embed(**tensors).float().cpu().numpy()
+        return self.embed(**tensors, prompt_length=prompt_length).float().cpu().numpy()
 
     def fingerprint(self) -> str:
         """sha256 of every weight and of the settings that change embeddings (pooling, Dense activation, tokenizer)."""
@@ -259,6 +281,7 @@ class Encoder(nn.Module, TextEncoder):
         hash_weights(digest, self)
         tokenizer = self.tokenizer
         settings = [self.pooling, self.dense_activation, type(tokenizer).__name__, len(tokenizer)]
+        settings += [] if self.include_prompt else ["include_prompt=False"]  # keeps older cache keys otherwise
         digest.update(json.dumps(settings + [getattr(tokenizer, "name_or_path", "")]).encode())
         return digest.hexdigest()
 

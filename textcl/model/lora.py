@@ -20,6 +20,7 @@ import transformers
 from torch import nn
 
 from textcl.errors import TextclError
+from textcl.model.decoder import decoder_lora_targets, is_decoder
 from textcl.model.location import resolve_model_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -38,8 +39,11 @@ def is_adapter_folder(folder: Path) -> bool:
 
 
 def default_target_modules(model: nn.Module) -> tuple[list[str] | str, list[str] | None]:
-    """(target_modules, exclude_modules): peft's choice for the architecture (query and value projections
-    for BERT-like encoders), else every linear layer except the pooler, which pooling never uses."""
+    """(target_modules, exclude_modules): for a decoder every projection of its blocks (`decoder_lora_targets`);
+    peft's choice for other known architectures (query and value projections for BERT-like encoders), else
+    every linear layer except the pooler, which pooling never uses."""
+    if is_decoder(model):
+        return decoder_lora_targets(model), None
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     mapped = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(getattr(model.config, "model_type", None))

@@ -176,8 +176,9 @@ class OnnxEncoder(TextEncoder):
                               "graph as exported (fp32, or int8 with `textcl export --quantize int8`)")
         return contextlib.nullcontext()
 
-    def forward_arrays(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def forward_arrays(self, batch: dict[str, np.ndarray], prompt_length: int | None = None) -> np.ndarray:
         """Padded token arrays `[batch, seq]` -> the graph's `sentence_embedding` `[batch, dim]` (zeros for an input
-        the graph takes that the tokenizer does not make)."""
+        the graph takes that the tokenizer does not make). A graph pools over every token (`textcl export` refuses
+        a model with `include_prompt` False), so `prompt_length` is always None here."""
         feeds = {name: batch.get(name, np.zeros_like(batch["input_ids"])) for name in self.input_names}
         return self.session.run(["sentence_embedding"], feeds)[0]

@@ -20,6 +20,7 @@ graph was not fused and ran slower on CPU (bench/RESULTS.md, "ONNX export").
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -90,8 +91,11 @@ class EmbeddingGraph(nn.Module):
 
 
 def uses_token_type_ids(encoder: Encoder) -> bool:
-    """Whether the tokenizer produces token_type_ids (BERT does, RoBERTa does not), so the graph takes them."""
-    return "token_type_ids" in getattr(encoder.tokenizer, "model_input_names", ())
+    """Whether the tokenizer produces token_type_ids (BERT does, RoBERTa does not) and the model's forward names
+    them (a decoder such as Llama takes none, even under a BERT tokenizer), so the graph takes them."""
+    model = encoder.model.get_base_model() if is_adapter(encoder.model) else encoder.model
+    takes = "token_type_ids" in inspect.signature(model.forward).parameters
+    return takes and "token_type_ids" in getattr(encoder.tokenizer, "model_input_names", ())
 
 
 def export_onnx(
@@ -123,6 +127,9 @@ def export_onnx(
     if out is not None and not same:
         check_model_target(out, overwrite)  # before the slow part
     encoder = Encoder.load(model_name_or_path, device="cpu")
+    if not encoder.include_prompt:
+        raise TextclError("this model leaves its prompts' tokens out of pooling (include_prompt: false), which a "
+                          "graph fed only token ids cannot do; encode it with the torch backend")
     root = resolve_model_dir(model_name_or_path)
     adapter = is_adapter(encoder.model)
     if adapter:
@@ -274,12 +281,14 @@ def min_cosine(encoder: Encoder, path: Path) -> float:
     import onnxruntime  # see quantize_int8
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = {node.name for node in session.get_inputs()}  # the exporter drops inputs the graph never reads
     cosines = []
     for texts in [VERIFY_TEXTS, *([text] for text in VERIFY_TEXTS)]:
         batch = sample_batch(encoder, texts)
         with torch.inference_mode():
             expected = encoder.embed(**batch).float().numpy()
-        got = session.run(["sentence_embedding"], {name: tensor.numpy() for name, tensor in batch.items()})[0]
+        feeds = {name: tensor.numpy() for name, tensor in batch.items() if name in inputs}
+        got = session.run(["sentence_embedding"], feeds)[0]
         norms = np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1)
         cosines.extend((expected * got).sum(axis=1) / np.maximum(norms, 1e-12))
     return float(min(cosines))

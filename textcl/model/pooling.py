@@ -67,6 +67,15 @@ def check_pooling_mode(mode: str) -> str:
     return mode
 
 
+def exclude_prompt(mask: torch.Tensor, prompt_length: int | torch.Tensor) -> torch.Tensor:
+    """A copy of `mask` `[B, T]` without each row's first `prompt_length` real tokens (an int, or `[B]`), under
+    left or right padding: what sentence-transformers' `Pooling(include_prompt=False)` pools over."""
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    first = mask.to(torch.int32).argmax(dim=1, keepdim=True)
+    length = torch.as_tensor(prompt_length, device=mask.device).reshape(-1, 1)
+    return mask.masked_fill(positions < first + length, 0)
+
+
 def pool(tokens: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Apply pooling `mode` to `[B, T, D]` tokens under a `[B, T]` mask, giving `[B, D]`."""
     return POOLING_FUNCTIONS[check_pooling_mode(mode)](tokens, mask)

@@ -15,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from textcl.errors import TextclError
+from textcl.model.decoder import is_decoder
 from textcl.model.encoder import Encoder
 from textcl.model.lora import is_adapter
 
@@ -52,6 +53,9 @@ def shrink(encoder: Encoder, layers: Sequence[int]) -> Encoder:
     order); `encoder` is unchanged."""
     if is_adapter(encoder.model):
         raise TextclError("this model is a LoRA adapter; merge it first (textcl merge ADAPTER OUT), then shrink")
+    if is_decoder(encoder.model):
+        raise TextclError(f"shrink supports BERT-like encoders, not decoder LLMs ({encoder.model.config.model_type}); "
+                          "distil into a smaller model of the family instead (textcl score + distill_loss)")
     parent, name = layer_stack(encoder.model)
     total = len(getattr(parent, name))
     layers = list(layers)

@@ -29,6 +29,7 @@ class EncoderSpec:
     hidden_size: int | None = None
     max_seq_length: int | None = None
     pooling: str = "mean"
+    include_prompt: bool = True
     dense: nn.Linear | None = None
     dense_activation: str = "tanh"
     normalize: bool = False

@@ -80,10 +80,9 @@ def write_transformer(spec: EncoderSpec, folder: Path) -> None:
 
 
 def read_pooling(folder: Path, spec: EncoderSpec) -> None:
-    """textcl pooling mode from a sentence-transformers Pooling config (old boolean or new string form)."""
+    """textcl pooling mode from a sentence-transformers Pooling config (old boolean or new string form), and
+    whether it pools over a prompt's tokens (`include_prompt`)."""
     config = read_json(folder / "config.json")
-    if config.get("include_prompt", True) is False:
-        raise TextclError(f"{folder}: pooling with include_prompt=false is not supported by textcl")
     if "pooling_mode" in config:
         modes = config["pooling_mode"]
         modes = [modes] if isinstance(modes, str) else list(modes)
@@ -92,11 +91,12 @@ def read_pooling(folder: Path, spec: EncoderSpec) -> None:
     if len(modes) != 1 or modes[0] not in ST_POOLING:
         raise TextclError(f"{folder}: pooling {modes} is not supported; textcl supports one of {sorted(ST_POOLING)}")
     spec.pooling = ST_POOLING[modes[0]]
+    spec.include_prompt = bool(config.get("include_prompt", True))
 
 
 def write_pooling(spec: EncoderSpec, folder: Path) -> None:
     st_mode = {ours: theirs for theirs, ours in ST_POOLING.items()}[spec.pooling]
-    config = {"word_embedding_dimension": spec.hidden_size, "include_prompt": True}
+    config = {"word_embedding_dimension": spec.hidden_size, "include_prompt": spec.include_prompt}
     write_json(folder / "config.json", config | {flag: mode == st_mode for flag, mode in ST_POOLING_FLAGS.items()})
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from textcl.model.text_inputs import ENCODE_BATCH_SIZE, pad_arrays, resolve_prompt
+from textcl.model.text_inputs import ENCODE_BATCH_SIZE, pad_arrays, prompt_token_count, resolve_prompt
 
 
 class TextEncoder:
@@ -29,8 +29,8 @@ class TextEncoder:
     Attributes every encoder has: `backend` ("torch" or "onnx", what a search index records), `tokenizer`,
     `prompts` (named prefixes such as {"query": "query: "}), `max_seq_length` (default truncation),
     `normalize` (whether embeddings are L2-normalized), `dim` (their width), `name_or_path` (where the
-    model was loaded from) and `position_limit` (the most tokens the model takes: a longer max length is cut
-    there, `textcl.model.fit`).
+    model was loaded from), `position_limit` (the most tokens the model takes: a longer max length is cut
+    there, `textcl.model.fit`) and `include_prompt` (False: a prompt's tokens are left out of pooling).
     """
 
     backend: ClassVar[str]
@@ -41,10 +41,12 @@ class TextEncoder:
     dim: int
     name_or_path: str
     position_limit: int
+    include_prompt: bool = True
 
-    def forward_arrays(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def forward_arrays(self, batch: dict[str, np.ndarray], prompt_length: int | None = None) -> np.ndarray:
         """Padded int64 token arrays `[batch, seq]` (input_ids, attention_mask, token_type_ids where the tokenizer
-        makes them) -> float32 embeddings `[batch, dim]`."""
+        makes them) -> float32 embeddings `[batch, dim]`; `prompt_length` (with `include_prompt` False): the
+        prompt's tokens at the start of each row, left out of pooling."""
         raise NotImplementedError
 
     def running(self, precision: str) -> contextlib.AbstractContextManager:
@@ -87,6 +89,7 @@ class TextEncoder:
         prefix = self.resolve_prompt(prompt, prompt_name)
         if prefix:
             texts = [prefix + text for text in texts]
+        prompt_length = None if self.include_prompt else prompt_token_count(self.tokenizer, prefix)
         dim = truncate_dim or self.dim
         out = np.empty((len(texts), dim), dtype=np.float32)
         running = self.running(precision)
@@ -98,7 +101,8 @@ class TextEncoder:
             with running:
                 for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show_progress_bar):
                     index = order[start : start + batch_size]
-                    out[index] = self.forward_arrays(pad_arrays(encoded, index, self.tokenizer))[:, :dim]
+                    batch = pad_arrays(encoded, index, self.tokenizer)
+                    out[index] = self.forward_arrays(batch, prompt_length)[:, :dim]
         result = torch.from_numpy(out)
         if normalize if normalize is not None else self.normalize:
             result = F.normalize(result, p=2, dim=-1)

@@ -24,6 +24,15 @@ def resolve_prompt(prompts: dict[str, str], prompt: str | None, prompt_name: str
     return prompts[prompt_name]
 
 
+def prompt_token_count(tokenizer: Any, prompt: str) -> int:
+    """Tokens a prompt prefix takes at the start of a text: its own tokenization less a trailing special token
+    (SEP, EOS), sentence-transformers' rule for `include_prompt=False`."""
+    if not prompt:
+        return 0
+    ids = tokenizer(prompt)["input_ids"]
+    return len(ids) - (1 if ids and ids[-1] in tokenizer.all_special_ids else 0)
+
+
 def pad_arrays(encoded: Any, index: np.ndarray, tokenizer: Any) -> dict[str, np.ndarray]:
     """Gather rows `index` of pre-tokenized lists and pad them into int64 arrays `[len(index), longest]`.
 

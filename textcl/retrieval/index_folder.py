@@ -1,6 +1,7 @@
 """The search index folder on disk: written atomically under a lock, read as one consistent, verified whole.
 
-Writing (`save_index_folder`): the three files (four with a rescoring quantized index's float_embeddings.npy) go into a temporary sibling folder that replaces the old one in
+Writing (`save_index_folder`): the three files (plus a rescoring quantized index's float_embeddings.npy and a
+hybrid index's BM25 files, `bm25_*`) go into a temporary sibling folder that replaces the old one in
 one rename (`textcl.io.atomic.write_folder`), so a kill, a full disk or a second writer never leaves a torn
 index and the previous index stays readable until the new one is complete. One writer at a time holds the
 folder's lock; an existing index is replaced only with `overwrite`, and a folder that is not an index never.
@@ -26,6 +27,7 @@ import numpy as np
 from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock, write_folder
 from textcl.io.targets import refusal, serving_process
+from textcl.retrieval.lexical import LEXICAL_FILES, LexicalIndex
 from textcl.retrieval.quantization import FLOAT_FILE
 
 INDEX_FILES = ("index.faiss", "ids.jsonl", "meta.json")
@@ -72,9 +74,10 @@ def model_location(model: str, root: Path) -> str:
 
 
 def write_index_files(root: Path, index: faiss.Index | faiss.IndexBinary, ids: Sequence[str], texts: Sequence[str],
-                      meta: dict[str, Any], float_vectors: np.ndarray | None = None) -> None:
-    """index.faiss, ids.jsonl, float_embeddings.npy (`float_vectors` `[n, dim]`, when given), then meta.json (with
-    the other files' sizes) into folder `root`."""
+                      meta: dict[str, Any], float_vectors: np.ndarray | None = None,
+                      lexical: LexicalIndex | None = None) -> None:
+    """index.faiss, ids.jsonl, float_embeddings.npy (`float_vectors` `[n, dim]`, when given), the BM25 files (with
+    `lexical`), then meta.json (with the other files' sizes) into folder `root`."""
     if isinstance(index, faiss.IndexBinary):
         faiss.write_index_binary(index, str(root / "index.faiss"))
     else:
@@ -86,18 +89,22 @@ def write_index_files(root: Path, index: faiss.Index | faiss.IndexBinary, ids: S
     if float_vectors is not None:
         np.save(root / FLOAT_FILE, np.asarray(float_vectors, dtype=np.float32))
         names.append(FLOAT_FILE)
+    if lexical is not None:
+        names.extend(lexical.save(root))
     files = {name: (root / name).stat().st_size for name in names}
     (root / "meta.json").write_text(json.dumps(meta | {"count": len(ids), "files": files}, indent=2) + "\n")
 
 
 def save_index_folder(path: Path, index: faiss.Index | faiss.IndexBinary, ids: Sequence[str], texts: Sequence[str],
-                      meta: dict[str, Any], overwrite: bool, float_vectors: np.ndarray | None = None) -> None:
+                      meta: dict[str, Any], overwrite: bool, float_vectors: np.ndarray | None = None,
+                      lexical: LexicalIndex | None = None) -> None:
     """Write the index folder `path` atomically, holding its lock (see the module docstring)."""
     meta = meta | {"model": portable_model_path(str(meta["model"]), path)}
     floats = 0 if float_vectors is None else float_vectors.size * 4
-    needed = index.ntotal * index.d * 4 + floats + sum(len(text.encode()) + len(key) + 24 for key, text in zip(ids, texts))
+    text_bytes = sum(len(text.encode()) + len(key) + 24 for key, text in zip(ids, texts))
+    needed = index.ntotal * index.d * 4 + floats + text_bytes * (2 if lexical is not None else 1)  # BM25: < the text
     def write(root: Path) -> None:
-        write_index_files(root, index, ids, texts, meta, float_vectors)
+        write_index_files(root, index, ids, texts, meta, float_vectors, lexical)
         keep_other_files(path, root)
 
     with exclusive_lock(path, wait=LOCK_WAIT, what="the search index"):
@@ -111,7 +118,7 @@ def keep_other_files(old: Path, new: Path) -> None:
     links fail. The index's own files, and hidden entries (locks, temporaries), are not carried."""
     if not old.is_dir():
         return
-    own = {*INDEX_FILES, FLOAT_FILE}
+    own = {*INDEX_FILES, FLOAT_FILE, *LEXICAL_FILES}
     for item in old.iterdir():
         if item.name in own or item.name.startswith(".") or not item.is_file():
             continue
@@ -216,7 +223,20 @@ def read_index_folder(
     if len(ids) != index.ntotal or meta.get("count", index.ntotal) != index.ntotal:
         raise TextclError(f"{root / 'ids.jsonl'} has {len(ids)} rows but index.faiss holds {index.ntotal} vectors; "
                           f"{REBUILD}")
+    if "lexical" in meta:
+        check_lexical_files(root, meta)
     return index, meta, ids, texts, read_float_vectors(root, meta, len(ids))
+
+
+def check_lexical_files(root: Path, meta: dict[str, Any]) -> None:
+    """A hybrid index's BM25 files are there, each of the size meta.json records."""
+    for name in LEXICAL_FILES:
+        path = root / name
+        if not path.is_file():
+            raise TextclError(f"{str(root)!r} is a hybrid index without its BM25 file {name}; rebuild the index "
+                              "with `textcl index --hybrid`")
+        with path.open("rb") as handle:
+            check_size(handle, path, meta)
 
 
 def read_float_vectors(root: Path, meta: dict[str, Any], rows: int) -> np.ndarray | None:

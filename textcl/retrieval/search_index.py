@@ -6,6 +6,9 @@ lengths, precision, search parameters: the index's `EncodeOptions` are read back
 products; with normalize (the default) they are cosines. A quantized index (`quantize="int8"` or `"binary"`,
 `textcl.retrieval.quantization`) records its scheme and rescore factor in meta.json, and keeps
 `float_embeddings.npy` (memory-mapped on load) when it rescores.
+A hybrid index (`hybrid=True`) adds a BM25 index of the same documents (`textcl.retrieval.lexical`, its files
+`bm25_*`), records its settings ("lexical") and how the two rankings are fused ("fusion",
+`textcl.retrieval.fusion`) in meta.json, and searches with both by default.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from textcl.model.text_encoder import TextEncoder
 from textcl.model.text_inputs import ENCODE_BATCH_SIZE
 from textcl.retrieval.corpus_embeddings import encode_corpus
 from textcl.retrieval.faiss_index import build_faiss_index, set_search_params
+from textcl.retrieval.fusion import FusionSettings, fuse
 from textcl.retrieval.index_folder import (
     INDEX_FILES,  # noqa: F401  (re-exported)
     check_finite,
@@ -36,6 +40,7 @@ from textcl.retrieval.index_folder import (
     read_index_folder,
     save_index_folder,
 )
+from textcl.retrieval.lexical import LexicalIndex, LexicalSettings
 from textcl.retrieval.quantization import (
     add_vectors as add_quantized,
 )
@@ -47,14 +52,20 @@ from textcl.retrieval.quantization import (
 
 logger = logging.getLogger(__name__)
 
+SEARCH_MODES = ("dense", "bm25", "hybrid")
+
 
 class Hits(NamedTuple):
     """Search results, best first: `ids` and `texts` are object arrays `[n_queries, k]` (None where an
-    approximate index found fewer than k), `scores` float32 `[n_queries, k]`."""
+    approximate index found fewer than k), `scores` float32 `[n_queries, k]`. A hybrid or BM25 search also
+    gives each side's score, float32 `[n_queries, k]`, NaN where that side did not return the document:
+    `dense_scores` (cosine) and `lexical_scores` (BM25); `scores` is then the fused score."""
 
     ids: np.ndarray
     scores: np.ndarray
     texts: np.ndarray
+    dense_scores: np.ndarray | None = None
+    lexical_scores: np.ndarray | None = None
 
 
 def check_ids(ids: list[str], texts: list[str], existing: Sequence[str] = ()) -> None:
@@ -83,6 +94,7 @@ class SearchIndex:
     id_lookup: np.ndarray = field(default_factory=lambda: with_sentinel([]), repr=False)
     text_lookup: np.ndarray = field(default_factory=lambda: with_sentinel([]), repr=False)
     float_vectors: np.ndarray | None = field(default=None, repr=False)  # `[n, dim]`, kept to rescore
+    lexical: LexicalIndex | None = field(default=None, repr=False)  # BM25 of the same rows (hybrid indexes)
 
     @property
     def ids(self) -> np.ndarray:
@@ -107,6 +119,9 @@ class SearchIndex:
         search_params: str = "",
         quantize: str | None = None,
         rescore: int = 0,
+        hybrid: bool = False,
+        fusion: FusionSettings | None = None,
+        lexical: LexicalSettings | None = None,
         encode_options: EncodeOptions = EncodeOptions(),
     ) -> SearchIndex:
         """Encode `texts` (ids default to "0", "1", ...) and index them with `faiss.index_factory(factory)`.
@@ -118,6 +133,8 @@ class SearchIndex:
         and progress bar apply to this build only. `quantize` "int8" or "binary" stores quantized vectors
         instead of `factory`'s index; `rescore` K >= 1 then rescores K*k candidates with the float vectors
         (`textcl.retrieval.quantization`).
+        `hybrid` also builds a BM25 index (`lexical` settings) searched with the dense one and fused as `fusion`
+        says (default: reciprocal rank fusion).
         """
         texts = list(texts)
         if not texts:
@@ -144,13 +161,17 @@ class SearchIndex:
             if factory != "Flat":
                 raise TextclError(f"quantize={quantize!r} builds its own flat index; drop factory {factory!r}")
             meta |= {"quantize": quantize, "rescore": rescore}
+        if hybrid:
+            meta |= {"lexical": (lexical or LexicalSettings()).as_dict(),
+                     "fusion": (fusion or FusionSettings()).as_dict()}
         ids = [str(i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
         check_ids(ids, texts)
         embeddings = encode_corpus(encoder, texts, "document", options, normalize=normalize)
         check_finite(embeddings, "documents", ids)
         index = build_quantized_index([embeddings], quantize) if quantize else build_faiss_index([embeddings], factory)
         set_search_params(index, search_params)
-        self = cls(index, meta, encoder, float_vectors=embeddings if rescore else None)
+        self = cls(index, meta, encoder, float_vectors=embeddings if rescore else None,
+                   lexical=LexicalIndex.build(texts, lexical) if hybrid else None)
         self.append(ids, texts)
         return self
 
@@ -190,7 +211,7 @@ class SearchIndex:
         see the previous index until the new one is complete. An existing index is replaced only with
         `overwrite`; a concurrent writer of the same folder is waited for, then refused."""
         save_index_folder(Path(path), self.index, self.ids.tolist(), self.texts.tolist(), self.meta, overwrite,
-                          None if self.float_vectors is None else np.asarray(self.float_vectors))
+                          None if self.float_vectors is None else np.asarray(self.float_vectors), self.lexical)
 
     @classmethod
     def load(
@@ -219,7 +240,8 @@ class SearchIndex:
                 f"search with the model it was built with ({meta['model']})"
             )
         set_search_params(index, meta.get("search_params", ""))
-        self = cls(index, meta, encoder, float_vectors=float_vectors)
+        lexical = LexicalIndex.load(root, meta["lexical"], len(ids)) if "lexical" in meta else None
+        self = cls(index, meta, encoder, float_vectors=float_vectors, lexical=lexical)
         self.append(ids, texts)
         return self
 
@@ -229,24 +251,80 @@ class SearchIndex:
         return self.encoder
 
     def search(
-        self, queries: str | Sequence[str], k: int = 10, batch_size: int = ENCODE_BATCH_SIZE, rescore: int | None = None
+        self, queries: str | Sequence[str], k: int = 10, batch_size: int = ENCODE_BATCH_SIZE,
+        rescore: int | None = None, mode: str | None = None,
     ) -> Hits:
-        """Encode `queries` (with the index's query prompt) and return their top `k` documents."""
+        """Encode `queries` (with the index's query prompt) and return their top `k` documents. `mode`: "dense",
+        "bm25" or "hybrid" (default: "hybrid" for an index built with `hybrid=True`, else "dense")."""
         queries = [queries] if isinstance(queries, str) else list(queries)
         check_queries(queries)
-        vectors = self.encode(queries, "query", batch_size)
-        check_finite(vectors, "queries")
-        return self.search_vectors(vectors, k, rescore)
+        mode = self.search_mode(mode)
+        vectors = None if mode == "bm25" else self.encode(queries, "query", batch_size)
+        if vectors is not None:
+            check_finite(vectors, "queries")
+        return self.search_encoded(queries, vectors, k, rescore, mode)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10, rescore: int | None = None) -> Hits:
-        """Top `k` documents for query embeddings `[n_queries, dim]`; k larger than the index is clamped.
-        `rescore` overrides a quantized index's saved rescore factor (0: off)."""
+    def search_mode(self, mode: str | None) -> str:
+        """The mode a search runs in: `mode`, or the index's default; BM25 needs an index built with it."""
+        if mode is None:
+            return "hybrid" if self.lexical is not None else "dense"
+        if mode not in SEARCH_MODES:
+            raise TextclError(f"search mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+        if mode != "dense" and self.lexical is None:
+            raise TextclError(f"a {mode} search needs BM25, and this index was built without it; rebuild it with "
+                              "`textcl index MODEL --corpus CORPUS --out INDEX --hybrid` (SearchIndex.build(..., "
+                              "hybrid=True))")
+        return mode
+
+    def search_encoded(
+        self, queries: Sequence[str], vectors: np.ndarray | None, k: int = 10, rescore: int | None = None,
+        mode: str | None = None,
+    ) -> Hits:
+        """`search` for queries already encoded (`vectors` `[n_queries, dim]`; None in "bm25" mode)."""
+        mode = self.search_mode(mode)
+        if mode == "dense":
+            assert vectors is not None
+            return self.search_vectors(vectors, k, rescore)
+        assert self.lexical is not None
+        k = self.clamp_k(k)
+        fusion = FusionSettings.of(self.meta.get("fusion", {}))
+        lexical_scores, lexical_rows = self.lexical.search(queries, k if mode == "bm25" else max(k, fusion.depth))
+        if mode == "bm25":
+            nan = np.full(lexical_scores.shape, np.nan, dtype=np.float32)
+            return Hits(self.id_lookup[lexical_rows], lexical_scores, self.text_lookup[lexical_rows], nan,
+                        np.where(lexical_rows >= 0, lexical_scores, np.nan).astype(np.float32))
+        assert vectors is not None
+        dense_scores, dense_rows = self.search_rows(vectors, min(max(k, fusion.depth), len(self.ids)), rescore)
+        rows = np.full((len(queries), k), -1, dtype=np.int64)
+        parts = np.full((3, len(queries), k), np.nan, dtype=np.float32)
+        parts[0] = -np.inf
+        for query in range(len(queries)):
+            dense = {int(r): float(s) for r, s in zip(dense_rows[query], dense_scores[query]) if r >= 0}
+            lexical = {int(r): float(s) for r, s in zip(lexical_rows[query], lexical_scores[query]) if r >= 0}
+            for rank, hit in enumerate(fuse(dense, lexical, fusion, k)):
+                rows[query, rank] = hit.key
+                parts[:, query, rank] = (hit.score, np.nan if hit.dense is None else hit.dense,
+                                         np.nan if hit.lexical is None else hit.lexical)
+        return Hits(self.id_lookup[rows], parts[0], self.text_lookup[rows], parts[1], parts[2])
+
+    def clamp_k(self, k: int) -> int:
+        """k, at most the index's size (with a warning)."""
         size = len(self.ids)
         if not 1 <= k <= size:
             if k < 1:
                 raise TextclError(f"k must be at least 1, got {k}")
             logger.warning("k=%d is larger than the index (%d documents); returning %d", k, size, size)
             k = size
+        return k
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, rescore: int | None = None) -> Hits:
+        """Top `k` documents for query embeddings `[n_queries, dim]`; k larger than the index is clamped.
+        `rescore` overrides a quantized index's saved rescore factor (0: off)."""
+        scores, rows = self.search_rows(vectors, self.clamp_k(k), rescore)
+        return Hits(self.id_lookup[rows], scores, self.text_lookup[rows])
+
+    def search_rows(self, vectors: np.ndarray, k: int, rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Dense scores `[n_queries, k]` and rows `[n_queries, k]` (-1: none) of the top `k` (1 <= k <= size)."""
         if np.shape(vectors)[-1] != self.meta["dim"]:
             raise TextclError(
                 f"the queries have {np.shape(vectors)[-1]} dimensions but this index holds {self.meta['dim']}; "
@@ -255,10 +333,8 @@ class SearchIndex:
         if self.meta.get("quantize"):
             rescore = self.meta.get("rescore", 0) if rescore is None else rescore
             check_quantization(self.meta["quantize"], rescore)
-            scores, rows = quantized_search(self.index, self.meta["quantize"], vectors, k, rescore, self.float_vectors)
-            return Hits(self.id_lookup[rows], scores, self.text_lookup[rows])
-        scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-        return Hits(self.id_lookup[rows], scores, self.text_lookup[rows])
+            return quantized_search(self.index, self.meta["quantize"], vectors, k, rescore, self.float_vectors)
+        return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
 
     # What `textcl.serving` needs besides `encode`: pre-encoded adds, and removal by id.
     def add_vectors(self, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> None:
@@ -269,6 +345,8 @@ class SearchIndex:
         if vectors.shape != (len(ids), self.meta["dim"]):
             raise TextclError(f"got vectors of shape {vectors.shape} for {len(ids)} documents of dimension "
                               f"{self.meta['dim']}")
+        if self.lexical is not None:
+            self.lexical.add(texts, self.texts.tolist())
         self.append(ids, texts)
         if self.meta.get("quantize"):
             add_quantized(self.index, vectors, self.meta["quantize"])
@@ -301,5 +379,7 @@ class SearchIndex:
         keep[rows] = False
         if self.float_vectors is not None:
             self.float_vectors = np.asarray(self.float_vectors)[keep]
+        if self.lexical is not None:
+            self.lexical.remove(keep, self.texts.tolist())
         self.id_lookup = with_sentinel(self.ids[keep].tolist())
         self.text_lookup = with_sentinel(self.texts[keep].tolist())

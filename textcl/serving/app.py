@@ -4,13 +4,16 @@ Every error is JSON `{"detail": "one line"}` with a 4xx status that says whose f
 that parses but breaks the schema (empty query, k out of range, wrong type), 400 for one that does not
 parse (not JSON, not UTF-8), 415 for a body not sent as JSON, 413 over the size limit, 401/403 for a
 missing/wrong API key on a write (checked before the body is read), 404 for an unknown id, 409 for a duplicate
-id, 400 for a Host header that does not name this server, and 507 (503) when the write log could not be written
-(a full disk): that write was not applied. OpenAPI docs are at /docs, served with the Swagger UI files of the
-swagger-ui-bundle package, so they work offline.
+id, 400 for a Host header that does not name this server, 429 with Retry-After when the queue is full, and 507
+(503) when the write log could not be written (a full disk): that write was not applied. Under /v1 (the OpenAI
+embeddings API, openai_api.py) errors take OpenAI's shape instead. OpenAPI docs are at /docs, served with the
+Swagger UI files of the swagger-ui-bundle package, so they work offline; Prometheus metrics at /metrics
+(metrics.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the routes defined inside
 # create_app, and a string annotation could not see the local `bearer` they depend on.
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -36,7 +39,10 @@ except ModuleNotFoundError as missing:
 
 from textcl import __version__
 from textcl.retrieval.index_folder import model_location
+from textcl.retrieval.search_index import Hits
 from textcl.serving.guards import HostCheck, KeyCheck
+from textcl.serving.metrics import RequestObserver, ServerMetrics, access_logger
+from textcl.serving.openai_api import is_openai, openai_error, openai_router
 from textcl.serving.schemas import (
     AddResponse,
     DeleteResponse,
@@ -48,13 +54,13 @@ from textcl.serving.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from textcl.serving.service import SearchService
+from textcl.serving.service import SearchService, ServerBusyError
 from textcl.serving.store import DuplicateIdError, LogWriteError, NotRemovableError, OutOfSpaceError, UnknownIdError
 
 PAGE = files("textcl.serving").joinpath("page.html").read_text(encoding="utf-8")
 STATUS_OF = {DuplicateIdError: 409, NotRemovableError: 409, UnknownIdError: 404, OutOfSpaceError: 507,
              LogWriteError: 503}
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 413, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 413, 415, 422, 429)}
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{code: {"model": Error} for code in (401, 403, 503, 507)}}
 ASSETS = "/docs-assets"
 
@@ -72,7 +78,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self.too_large()(scope, receive, send)
+            return await self.too_large(scope["path"])(scope, receive, send)
         received = 0
 
         async def limited() -> Message:  # a body sent in chunks, without Content-Length
@@ -85,8 +91,8 @@ class BodyLimit:
 
         await self.app(scope, limited, send)
 
-    def too_large(self) -> JSONResponse:
-        return error(413, f"the request body is larger than {self.max_bytes} bytes")
+    def too_large(self, path: str) -> JSONResponse:
+        return error(413, f"the request body is larger than {self.max_bytes} bytes", path=path)
 
 
 def json_response(body: BaseModel) -> Response:
@@ -95,7 +101,24 @@ def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def hit_records(hits: Hits, row: int) -> list[dict[str, Any]]:
+    """The hits of query `row`; a hybrid or BM25 search adds each side's score (None: not returned by it)."""
+    parts = [] if hits.lexical_scores is None else [("dense_score", hits.dense_scores), ("bm25_score", hits.lexical_scores)]
+    records = []
+    for column, key in enumerate(hits.ids[row]):
+        if key is not None:
+            record = {"id": key, "score": float(hits.scores[row, column]), "text": hits.texts[row, column]}
+            for name, values in parts:
+                value = float(values[row, column])
+                record[name] = None if math.isnan(value) else value
+            records.append(record)
+    return records
+
+
+def error(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """`{"detail": detail}`, or OpenAI's error shape under /v1."""
+    if is_openai(path):
+        return openai_error(status, detail, headers)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
@@ -120,9 +143,10 @@ def public_model_name(model: str, root: FilePath) -> str:
 
 
 def create_app(service: SearchService, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               allowed_hosts: set[str] | None = None) -> FastAPI:
+               allowed_hosts: set[str] | None = None, log_format: str = "text") -> FastAPI:
     """The FastAPI app over `service`; writes need `Authorization: Bearer <api_key>` when a key is given; with
-    `allowed_hosts` (see `textcl.serving.guards`), other Host headers are refused."""
+    `allowed_hosts` (see `textcl.serving.guards`), other Host headers are refused; `log_format` "json" writes an
+    access line per request on stderr."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,7 +164,13 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
         app.add_middleware(KeyCheck, api_key=api_key)  # added after BodyLimit: runs before it
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)
+    metrics = ServerMetrics()
+    metrics.watch(service)
+    service.batcher.on_batch = metrics.batch_texts.observe
+    app.add_middleware(RequestObserver, metrics=metrics, logger=access_logger(log_format))  # outermost: sees all
     app.mount(ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    app.include_router(openai_router(service, public_model_name(service.index.meta["model"], service.store.root)))
+    app.include_router(metrics.router())
     bearer = HTTPBearer(auto_error=False, description="the key in the variable named by --api-key-env")
 
     def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -149,9 +179,10 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.method in ("POST", "PUT") and "json" not in request.headers.get("content-type", ""):
-            return error(415, "send the body as JSON, with the header Content-Type: application/json")
+            return error(415, "send the body as JSON, with the header Content-Type: application/json",
+                         path=request.url.path)
         invalid_json = any(item.get("type") == "json_invalid" for item in exc.errors())
-        return error(400 if invalid_json else 422, describe_validation(exc))
+        return error(400 if invalid_json else 422, describe_validation(exc), path=request.url.path)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -160,11 +191,15 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
             detail = f"the request body is larger than {max_body_bytes} bytes"
         elif isinstance(exc.__cause__, UnicodeDecodeError):
             detail = f"the request body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
-        return error(exc.status_code, detail, exc.headers)
+        return error(exc.status_code, detail, exc.headers, request.url.path)
 
     @app.exception_handler(TextclError)
     async def on_textcl_error(request: Request, exc: TextclError) -> JSONResponse:
-        return error(STATUS_OF.get(type(exc), 400), str(exc))
+        return error(STATUS_OF.get(type(exc), 400), str(exc), path=request.url.path)
+
+    @app.exception_handler(ServerBusyError)
+    async def on_busy(request: Request, exc: ServerBusyError) -> JSONResponse:
+        return error(429, str(exc), {"Retry-After": str(exc.retry_after)}, request.url.path)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -190,13 +225,10 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     async def search(request: SearchRequest) -> Response:
         """Top-k documents of each query, best first."""
         queries = request.query
-        hits = await service.search(queries, request.k)
-        results = [
-            {"query": query, "hits": [{"id": i, "score": s, "text": t}
-                                      for i, s, t in zip(ids, scores.tolist(), texts) if i is not None]}
-            for query, ids, scores, texts in zip(queries, hits.ids, hits.scores, hits.texts)
-        ]
-        return json_response(SearchResponse.model_validate({"results": results}))
+        hits = await service.search(queries, request.k, request.mode)  # BM25 on an index without it: a 400
+        results = [{"query": query, "hits": hit_records(hits, row)} for row, query in enumerate(queries)]
+        body = SearchResponse.model_validate({"results": results})
+        return Response(body.model_dump_json(exclude_unset=True), media_type="application/json")
 
     @app.post("/embed", response_model=EmbedResponse, responses=ERRORS)
     async def embed(request: EmbedRequest) -> Response:

@@ -37,23 +37,29 @@ class MicroBatcher:
     A batch starts with the oldest waiting job and takes the jobs queued behind it, up to `max_batch_size`
     texts; when fewer are waiting it waits for more until `max_wait` seconds after its first job arrived.
     Jobs that arrive while a batch runs form the next one. A job larger than `max_batch_size` runs alone;
-    `max_batch_size=1` runs one job per call (batching off).
+    `max_batch_size=1` runs one job per call (batching off). `on_batch(texts)` (optional) hears of every batch.
     """
 
     def __init__(
         self, run_batch: Callable[[list[Any]], Sequence[Any]], executor: Executor, max_batch_size: int,
-        max_wait: float,
+        max_wait: float, on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
+        self.on_batch = on_batch
         self.pending: deque[Job] = deque()
         self.waiting = 0  # texts in `pending`
         self.wakeup: asyncio.Event | None = None
         self.worker: asyncio.Task | None = None
-        self.batches = 0  # batches run, and the texts they held (for /health)
+        self.batches = 0  # batches run, the texts they held (for /health) and the seconds they took
         self.batched_texts = 0
+        self.busy_seconds = 0.0
+
+    def seconds_per_text(self) -> float:
+        """Mean time a text has taken in the batches so far (0 before the first)."""
+        return self.busy_seconds / max(self.batched_texts, 1)
 
     def start(self) -> None:
         """Start the worker task (call on the event loop that will submit)."""
@@ -87,8 +93,12 @@ class MicroBatcher:
             batch = self.take_batch()
             if not batch:
                 continue
+            texts = sum(job.size for job in batch)
             self.batches += 1
-            self.batched_texts += sum(job.size for job in batch)
+            self.batched_texts += texts
+            if self.on_batch is not None:
+                self.on_batch(texts)
+            start = time.monotonic()
             try:
                 results = await loop.run_in_executor(self.executor, self.run_batch, [job.payload for job in batch])
             except Exception as error:  # noqa: BLE001 - the batch's requests get the error; the worker goes on
@@ -96,6 +106,8 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(error)
                 continue
+            finally:
+                self.busy_seconds += time.monotonic() - start
             for job, result in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(result)

@@ -64,12 +64,19 @@ class Strict(BaseModel):
 class SearchRequest(Strict):
     query: Texts = Field(description="a query, or a list of queries searched together")
     k: StrictInt = Field(DEFAULT_K, ge=1, le=MAX_K, description="results per query (fewer when the index is smaller)")
+    mode: Literal["dense", "bm25", "hybrid"] | None = Field(
+        None, description="dense, bm25 or hybrid (default: hybrid for an index built with --hybrid, else dense)")
 
 
 class Hit(BaseModel):
     id: str
-    score: float = Field(description="cosine similarity (inner product when the index is not normalized)")
+    score: float = Field(description="cosine similarity (inner product when the index is not normalized); in a "
+                         "hybrid search the fused score, in a bm25 search the BM25 score")
     text: str
+    dense_score: float | None = Field(None, description="hybrid and bm25 searches: the dense side's score (null: "
+                                      "that side did not return the document)")
+    bm25_score: float | None = Field(None, description="hybrid and bm25 searches: the BM25 score (null: that side "
+                                     "did not return the document)")
 
 
 class QueryResult(BaseModel):
@@ -117,7 +124,7 @@ class Health(BaseModel):
     documents: int
     index_type: str = Field(description="the faiss index factory string, e.g. Flat or IVF1024,Flat")
     metric: str
-    max_batch_size: int = Field(description="queries per encoder forward at most (1: batching off)")
+    max_batch_size: int = Field(description="texts per micro-batch at most (1: batching off)")
     mean_batch_size: float = Field(description="texts per encoder forward so far")
     writes_need_key: bool
 

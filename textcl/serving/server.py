@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -35,13 +36,16 @@ class ServeSettings:
 
     host: str = "127.0.0.1"  # loopback: only this machine can connect
     port: int = 8000  # 0: any free port (printed at start)
-    max_batch_size: int = 64  # texts per encoder forward at most; 1 turns micro-batching off
+    max_batch_size: int = 64  # texts per micro-batch at most (CPU: in forwards of 16); 1 turns batching off
     batch_wait_ms: float = 2.0  # how long a batch's first query waits for company
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     snapshot_every: int = 1000  # writes between snapshots of the whole index (the log holds them meanwhile)
     allowed_hosts: list[str] = field(default_factory=list)  # more names the Host header may carry; '*': any
     receive_timeout: float = 10.0  # seconds a client has to send a whole request (headers and body)
     max_connections: int = 1000  # open connections and requests in flight at most; more get 503
+    max_queued_texts: int = 4096  # texts waiting for the model at most; more get 429 with Retry-After
+    log_format: str = "text"  # "json": one JSON access line per request on stderr
+    graceful_shutdown_s: float = 10.0  # on SIGTERM/SIGINT, how long requests in flight may take to finish
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -91,9 +95,9 @@ def serve(
     scratch = tempfile.mkdtemp(prefix="textcl-serve-") if corpus is not None and out is None else None
     try:
         store = open_index(path, corpus, out or scratch, device, settings.snapshot_every, backend, onnx_file)
-        service = SearchService(store, settings.max_batch_size, settings.batch_wait_ms)
+        service = SearchService(store, settings.max_batch_size, settings.batch_wait_ms, settings.max_queued_texts)
         app = create_app(service, api_key, settings.max_body_bytes,
-                         allowed_host_names(settings.host, settings.allowed_hosts))
+                         allowed_host_names(settings.host, settings.allowed_hosts), log_format=settings.log_format)
         host, port = sock.getsockname()[:2]
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         print(f"textcl serve: {url} ({len(store.index.ids)} documents, {store.index.meta['model']}); "
@@ -104,10 +108,18 @@ def serve(
         if settings.host not in LOOPBACK and api_key is None:
             print("textcl serve: warning: other machines can reach this server and nothing guards writes; "
                   "set --api-key-env", file=sys.stderr, flush=True)
-        config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
+        config = uvicorn.Config(app, access_log=False, log_level="warning",
+                                timeout_graceful_shutdown=settings.graceful_shutdown_s,
                                 http=deadline_protocol(settings.receive_timeout),
                                 limit_concurrency=settings.max_connections, timeout_keep_alive=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        # On SIGTERM uvicorn stops accepting, lets the requests in flight finish (each write is on disk when
+        # acknowledged), runs the shutdown that snapshots the index and closes its log, then raises the signal
+        # again once it is done; this handler takes that second SIGTERM, so a drained server exits with 0.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         sock.close()
         if scratch:

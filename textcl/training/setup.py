@@ -5,26 +5,34 @@ The data is built by `textcl.data.loader.build_training_data`."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from textcl.config import LossArguments, ModelArguments, TrainConfig, TrainingArguments
+from textcl.config import LossArguments, ModelArguments, TrainConfig, TrainingArguments, instruction_prompt
 from textcl.errors import TextclError
 from textcl.losses.distillation import DISTILLATION_LOSSES, DistilledLoss
 from textcl.losses.infonce import InfoNCELoss
 from textcl.losses.matryoshka import MatryoshkaLoss
 from textcl.losses.queue import MomentumEncoder
+from textcl.model.decoder import append_eos_token, make_bidirectional
 from textcl.model.encoder import Encoder
 from textcl.model.lora import is_adapter
+
+# Backbones with more parameters than this train a LoRA adapter unless the recipe sets `lora` (decoder LLMs:
+# full fine-tuning a 1.5B model in AdamW takes ~24 GB of weights, gradients and moments before activations).
+LORA_AUTO_PARAMETERS = 1_000_000_000
 
 
 def build_encoder(args: ModelArguments) -> Encoder:
     """Load the model; `pooling: cls_mlp` is SimCSE's cls pooling with a training-only MLP head; `lora` trains
     a LoRA adapter (`textcl.model.lora`) instead of all weights."""
     mlp_head = args.pooling == "cls_mlp"
-    prompts = {name: text for name, text in (("query", args.query_prompt), ("document", args.document_prompt)) if text}
+    query_prompt = instruction_prompt(args.instruction_template, args.query_instruction) if args.query_instruction \
+        else args.query_prompt
+    prompts = {name: text for name, text in (("query", query_prompt), ("document", args.document_prompt)) if text}
     encoder = Encoder.load(
         args.model_name_or_path,
         pooling="cls" if mlp_head else args.pooling,
@@ -35,8 +43,21 @@ def build_encoder(args: ModelArguments) -> Encoder:
         trust_remote_code=args.trust_remote_code,
         device="cpu",  # accelerate moves it to the run's device
     )
+    if args.include_prompt is not None:
+        encoder.include_prompt = args.include_prompt
+    if args.append_eos_token:
+        append_eos_token(encoder.tokenizer)
+    if args.bidirectional:
+        make_bidirectional(encoder.model)
+    args.lora = resolve_lora(args.lora, encoder)
+    if args.bidirectional and args.lora and not args.lora_merge:
+        raise TextclError("bidirectional with LoRA: an adapter folder loads its base model, which is causal, so set "
+                          "lora_merge: true to save a full bidirectional model (or lora: false)")
     if is_adapter(encoder.model) and not args.lora:  # full fine-tuning from an adapter folder: merge it first
         encoder.model = encoder.model.merge_and_unload().requires_grad_(True)
+    # Decoder checkpoints are stored in bf16, which transformers 5 keeps on load: training holds fp32 weights
+    # (bf16 runs go through autocast, as for every model), so optimizer updates are not rounded to bf16.
+    encoder.model.float()
     if args.dense_dim and encoder.dense is None:
         encoder.add_dense(args.dense_dim)
     if args.dropout is not None:
@@ -52,6 +73,26 @@ def build_encoder(args: ModelArguments) -> Encoder:
     base = encoder.model.get_base_model() if is_adapter(encoder.model) else encoder.model
     encoder._no_split_modules = list(getattr(base, "_no_split_modules", None) or [])
     return encoder
+
+
+def source_query_prompts(config: TrainConfig, prompts: dict[str, str]) -> tuple[str, ...]:
+    """The query prompt of each train_data source from `source_instructions` (its '' entries: the model's own
+    "query" prompt); () when the recipe sets none."""
+    default = prompts.get("query", "")
+    template = config.model.instruction_template
+    return tuple(instruction_prompt(template, task) if task else default for task in config.data.source_instructions)
+
+
+def resolve_lora(lora: bool | None, encoder: Encoder) -> bool:
+    """`lora` as set, else LoRA for backbones over LORA_AUTO_PARAMETERS parameters (said on stderr)."""
+    if lora is not None:
+        return lora
+    count = sum(parameter.numel() for parameter in encoder.model.parameters())
+    if count > LORA_AUTO_PARAMETERS:
+        print(f"textcl: training a LoRA adapter: the model has {count / 1e9:.1f}B parameters (over "
+              f"{LORA_AUTO_PARAMETERS / 1e9:.0f}B); set lora: false to train every weight", file=sys.stderr)
+        return True
+    return False
 
 
 def check_training_options(encoder: Encoder, config: TrainConfig) -> None:

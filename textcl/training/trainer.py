@@ -74,6 +74,7 @@ from textcl.training.setup import (
     build_teacher,
     check_distillation_data,
     check_training_options,
+    source_query_prompts,
     reads_teacher_scores,
 )
 from textcl.training.step import StepRunner, optimizer_step
@@ -139,6 +140,8 @@ class Trainer:
                 prompts=self.encoder.prompts, batch_size=args.per_device_train_batch_size, seed=args.seed,
                 drop_last=args.dataloader_drop_last, num_processes=self.accelerator.num_processes,
                 process_index=self.accelerator.process_index, teacher_scores=reads_teacher_scores(config.loss),
+                source_query_prompts=source_query_prompts(config, self.encoder.prompts),
+                prompt_length=None if self.encoder.include_prompt else self.encoder.prompt_length,
             )
         check_distillation_data(config.loss, self.data.num_negatives)
         self.remining = build_remining(config.data, self.data.loader.dataset, self.data.collator,
@@ -430,6 +433,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     The first process holds output_dir's write lock for the whole run, so a second run into the same folder is
     refused instead of mixing checkpoints with this one.
     """
+    if config.data.mining_rounds:  # the rounds driver calls this once a round, with mining_rounds 0
+        raise TextclError("mining_rounds runs through textcl.train (textcl.training.rounds), not the trainer alone")
     check_local_sources(data_sources(config.data))  # a missing file is one line before the model loads
     output_dir = Path(config.training.output_dir)
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
