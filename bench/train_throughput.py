@@ -46,7 +46,9 @@ def rows(mode: dict, n: int) -> dict[str, list[str]]:
     return columns
 
 
-def run_textcl(mode: dict, columns: dict[str, list[str]], steps: int, bf16: bool, folder: Path) -> float:
+def run_textcl(mode: dict, columns: dict[str, list[str]], steps: int, bf16: bool, folder: Path,
+               model: str | None = None, use_cpu: bool = True, logging_steps: int | None = None) -> float:
+    """textcl's samples/s; its log (`folder/out/metrics.jsonl`) has the running rate every `logging_steps`."""
     from datasets import Dataset
 
     from textcl.config import TrainConfig
@@ -59,34 +61,36 @@ def run_textcl(mode: dict, columns: dict[str, list[str]], steps: int, bf16: bool
         data = folder / "train.jsonl"
         Dataset.from_dict(columns).to_json(data)
     settings = {
-        "model_name_or_path": minilm_path(), "max_seq_length": mode["max_length"],
+        "model_name_or_path": model or minilm_path(), "max_seq_length": mode["max_length"],
         "query_max_length": mode["query_length"], "train_data": str(data),
         "temperature": 0.05, "gradcache_chunk_size": mode["chunk"], "output_dir": str(folder / "out"),
         "per_device_train_batch_size": mode["batch"], "max_steps": steps, "learning_rate": 2e-5,
-        "bf16": bf16, "logging_steps": steps, "dataloader_drop_last": True,
+        "bf16": bf16, "logging_steps": logging_steps or steps, "dataloader_drop_last": True, "use_cpu": use_cpu,
     }
     return train(TrainConfig.from_dict(settings))["train"]["train_samples_per_second"]
 
 
-def run_peer(mode: dict, columns: dict[str, list[str]], steps: int, bf16: bool, folder: Path) -> float:
+def run_peer(mode: dict, columns: dict[str, list[str]], steps: int, bf16: bool, folder: Path,
+             model: str | None = None, use_cpu: bool = True, callbacks: tuple = ()) -> float:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
     from sentence_transformers.sentence_transformer import losses
     from sentence_transformers.training_args import BatchSamplers
 
-    model = SentenceTransformer(minilm_path(), device="cpu")
-    model.max_seq_length = mode["max_length"]
+    peer = SentenceTransformer(model or minilm_path(), device="cpu" if use_cpu else None)
+    peer.max_seq_length = mode["max_length"]
     if mode["chunk"]:
-        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mode["chunk"])
+        loss = losses.CachedMultipleNegativesRankingLoss(peer, mini_batch_size=mode["chunk"])
     else:
-        loss = losses.MultipleNegativesRankingLoss(model)
+        loss = losses.MultipleNegativesRankingLoss(peer)
     args = Arguments(
         output_dir=str(folder / "peer"), per_device_train_batch_size=mode["batch"], max_steps=steps,
-        learning_rate=2e-5, bf16=bf16, use_cpu=True, save_strategy="no", report_to="none",
+        learning_rate=2e-5, bf16=bf16, use_cpu=use_cpu, save_strategy="no", report_to="none",
         logging_steps=steps, batch_sampler=BatchSamplers.NO_DUPLICATES, dataloader_drop_last=True,
     )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss)
+    trainer = SentenceTransformerTrainer(model=peer, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
+                                         callbacks=list(callbacks))
     return trainer.train().metrics["train_samples_per_second"]
 
 

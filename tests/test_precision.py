@@ -94,3 +94,17 @@ def test_training_says_which_precision_auto_chose_and_the_card_records_it(
     chosen, why = resolve_precision("auto", CPU)
     assert f"textcl: training in {chosen} ({why})" in capsys.readouterr().out
     assert f"| Precision | {chosen} |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_second_run_in_the_same_process_may_change_precision(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """accelerate keeps one process-wide state: a notebook's fp32 run then bf16 run must both train."""
+    from conftest import SENTENCES
+
+    from textcl.cli import main
+
+    (tmp_path / "s.txt").write_text("\n".join(SENTENCES * 2) + "\n")
+    for bf16 in ("false", "true"):
+        flags = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(tmp_path / "s.txt"),
+                 "--output_dir", str(tmp_path / bf16), "--per_device_train_batch_size", "4", "--max_steps", "1"]
+        assert main(["train", *flags, "--bf16", bf16]) == 0
+        assert (tmp_path / bf16 / "model.safetensors").exists()

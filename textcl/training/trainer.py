@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -116,6 +117,9 @@ class Trainer:
         self.precision, why = resolve_precision(args.bf16, torch.device("cpu") if use_cpu else default_device())
         if args.fp16:
             self.precision, why = "fp16", "fp16: true"
+        # accelerate's state is process-wide: a second run in one process (a notebook) may change precision.
+        # The partial state (the process group under a launcher) stays, as transformers' Trainer keeps it.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=use_cpu,
             mixed_precision="no" if self.precision == "fp32" else self.precision,  # not the launch config's
