@@ -15,7 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from textcl.evaluation.retrieval import K_VALUES, evaluate_retrieval
 from textcl.evaluation.sts import STS_COLUMNS, evaluate_sts
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.encode_options import EncodeOptions
+from textcl.model.text_encoder import TextEncoder
 
 
 @runtime_checkable
@@ -26,7 +27,7 @@ class Evaluator(Protocol):
     primary_metric: str
     greater_is_better: bool
 
-    def __call__(self, encoder: Encoder) -> dict[str, Any]: ...
+    def __call__(self, encoder: TextEncoder) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -35,15 +36,14 @@ class STSEvaluator:
 
     files: tuple[str | Path, ...]
     columns: Sequence[str] = STS_COLUMNS
-    batch_size: int = ENCODE_BATCH_SIZE
-    precision: str = "fp32"
+    encode_options: EncodeOptions = EncodeOptions()  # STS reads its batch size and precision
     name: str = "sts"
     primary_metric: str = "spearman"
     greater_is_better: bool = True
 
-    def __call__(self, encoder: Encoder) -> dict[str, Any]:
-        return evaluate_sts(encoder, list(self.files), self.columns, batch_size=self.batch_size,
-                            precision=self.precision)
+    def __call__(self, encoder: TextEncoder) -> dict[str, Any]:
+        return evaluate_sts(encoder, list(self.files), self.columns, batch_size=self.encode_options.batch_size,
+                            precision=self.encode_options.precision)
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ class RetrievalEvaluator:
     beir: str | Path
     split: str = "test"
     k_values: Sequence[int] = K_VALUES
-    batch_size: int = ENCODE_BATCH_SIZE
-    precision: str = "fp32"
+    encode_options: EncodeOptions = EncodeOptions()
     options: dict[str, Any] = field(default_factory=dict)  # the other keyword arguments of evaluate_retrieval
     name: str = "retrieval"
     greater_is_better: bool = True
@@ -64,12 +63,12 @@ class RetrievalEvaluator:
     def primary_metric(self) -> str:
         return f"ndcg@{10 if 10 in self.k_values else self.k_values[0]}"
 
-    def __call__(self, encoder: Encoder) -> dict[str, Any]:
-        return evaluate_retrieval(encoder, self.beir, self.split, self.k_values, batch_size=self.batch_size,
-                                  precision=self.precision, **self.options)
+    def __call__(self, encoder: TextEncoder) -> dict[str, Any]:
+        return evaluate_retrieval(encoder, self.beir, self.split, self.k_values, encode_options=self.encode_options,
+                                  **self.options)
 
 
-def run_evaluators(evaluators: Sequence[Evaluator], encoder: Encoder) -> dict[str, dict[str, Any]]:
+def run_evaluators(evaluators: Sequence[Evaluator], encoder: TextEncoder) -> dict[str, dict[str, Any]]:
     """`{evaluator.name: evaluator(encoder)}` in order: the "Eval output" of ARCHITECTURE.md."""
     return {evaluator.name: evaluator(encoder) for evaluator in evaluators}
 
