@@ -27,7 +27,6 @@ from textcl.config import TrainingArguments
 from textcl.losses import InfoNCELoss
 from textcl.losses.gradcache import gradcache_backward
 from textcl.model.decoder import prepare_decoder
-from textcl.model.lora import add_lora
 from textcl.model.precision import autocast
 from textcl.training.setup import apply_training_options
 
@@ -68,7 +67,7 @@ def synchronize(device: torch.device) -> None:
 
 def train(args: argparse.Namespace, device: torch.device, precision: str) -> dict:
     encoder = build(args, device)
-    add_lora(encoder, "random-qwen3", r=16, alpha=32, dropout=0.05)
+    encoder.add_lora("random-qwen3", r=16, alpha=32, dropout=0.05)
     apply_training_options(encoder, TrainingArguments(gradient_checkpointing=True))
     encoder.train()
     trainable = [p for p in encoder.parameters() if p.requires_grad]

@@ -30,7 +30,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives as peer_mine
 
-    from textcl import Encoder
+    from textcl import EncodeOptions, Encoder
     from textcl.io.pairs import read_pairs
     from textcl.retrieval.mining import mine_hard_negatives
 
@@ -46,7 +46,7 @@ def main() -> None:
     def run_ours(cache_dir: str) -> object:
         return mine_hard_negatives(
             ours, anchors, positives, corpus, num_negatives=3, range_min=0, range_max=50, max_score_ratio=0.95,
-            margin=None, batch_size=args.batch_size, cache_dir=cache_dir,
+            margin=None, encode_options=EncodeOptions(batch_size=args.batch_size, cache_dir=cache_dir),
         )
 
     def run_peer() -> object:

@@ -155,7 +155,7 @@ def run_encode(args: argparse.Namespace) -> None:
 
 
 def run_quality(args: argparse.Namespace) -> None:
-    from textcl import Encoder, evaluate
+    from textcl import EncodeOptions, Encoder, evaluate
 
     folder = textcl_folder()
     rows = {}
@@ -164,7 +164,7 @@ def run_quality(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         results = evaluate(encoder, sts=[SHARED / "stsb" / "test.tsv"] if "sts" in args.sets else None,
                            beir=SHARED / "scifact" if "scifact" in args.sets else None, k_values=[10],
-                           cache_dir=WORK / "cache")
+                           encode_options=EncodeOptions(cache_dir=WORK / "cache"))
         rows[name] = {"STS-B test Spearman": results.get("sts", {}).get("spearman"),
                       "SciFact nDCG@10": results.get("retrieval", {}).get("ndcg@10")}
         figures = ", ".join(f"{metric} {value:.4f}" for metric, value in rows[name].items() if value is not None)
@@ -178,13 +178,14 @@ def run_vectors(args: argparse.Namespace) -> None:
     """Quantized search against exact float search over the same embeddings (textcl ONNX fp32 encoder)."""
     import faiss
 
-    from textcl import Encoder
+    from textcl import EncodeOptions, Encoder
     from textcl.evaluation.retrieval import evaluate_retrieval
     from textcl.retrieval.corpus_embeddings import encode_corpus
     from textcl.retrieval.exact_search import exact_search
     from textcl.retrieval.quantization import build_quantized_index, index_bytes, quantized_search
 
     faiss.omp_set_num_threads(2)
+    cached = EncodeOptions(cache_dir=WORK / "cache")
     if args.corpus == "synthetic":
         pass
     elif args.backend == "torch":
@@ -196,23 +197,24 @@ def run_vectors(args: argparse.Namespace) -> None:
         from textcl.io.beir import doc_text, load_beir
 
         data = load_beir(SHARED / "scifact", "test")
-        documents = encode_corpus(encoder, [doc_text(*data.corpus[i]) for i in data.corpus], cache_dir=WORK / "cache")
+        documents = encode_corpus(encoder, [doc_text(*data.corpus[i]) for i in data.corpus], "document", cached)
         query_texts = [data.queries[q] for q in data.qrels]
         ndcg = {}
         for quantize, rescore in schemes:
-            metrics = evaluate_retrieval(encoder, SHARED / "scifact", k_values=[10], cache_dir=WORK / "cache",
-                                         quantize=quantize, rescore=rescore)
+            metrics = evaluate_retrieval(encoder, SHARED / "scifact", k_values=[10], quantize=quantize,
+                                         rescore=rescore, encode_options=cached)
             ndcg[quantize, rescore] = metrics["ndcg@10"]
     elif args.corpus == "sentences":
         with (SHARED / "unlabeled-sentences" / "sentences.txt").open(encoding="utf-8") as handle:
             lines = [line.strip() for line in handle]
         query_texts, corpus = lines[:1000], lines[1000 : 1000 + args.n]
-        documents = encode_corpus(encoder, corpus, cache_dir=WORK / "cache", show_progress_bar=True)
+        documents = encode_corpus(encoder, corpus, "document", EncodeOptions(cache_dir=WORK / "cache",
+                                                                             show_progress_bar=True))
         ndcg = {}
     if args.corpus == "synthetic":
         documents, queries, ndcg = synthetic(args.n, 384, 0), synthetic(1000, 384, 1), {}
     else:
-        queries = encode_corpus(encoder, query_texts, cache_dir=WORK / "cache")
+        queries = encode_corpus(encoder, query_texts, "query", cached)
     _, exact_rows = exact_search(queries, documents, 10)
     float_index = faiss.IndexFlatIP(documents.shape[1])
     float_index.add(np.ascontiguousarray(documents))

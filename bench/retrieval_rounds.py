@@ -140,15 +140,15 @@ def sts_file(work: Path, scale: float) -> Path:
 
 
 def evaluate(folder: Path, data: Path, args: argparse.Namespace) -> dict[str, float]:
-    from textcl import Encoder
+    from textcl import EncodeOptions, Encoder
     from textcl.evaluation.retrieval import evaluate_retrieval
     from textcl.evaluation.sts import evaluate_sts
 
     encoder = Encoder.load(folder)
     general = general_set(args.work, args.scale)
-    cache = args.work / "cache"  # the corpus is encoded once for dev and test
-    return {"dev": evaluate_retrieval(encoder, data, "dev", k_values=(10,), cache_dir=cache)["ndcg@10"],
-            "test": evaluate_retrieval(encoder, data, "test", k_values=(10,), cache_dir=cache)["ndcg@10"],
+    cache = EncodeOptions(cache_dir=args.work / "cache")  # the corpus is encoded once for dev and test
+    return {"dev": evaluate_retrieval(encoder, data, "dev", k_values=(10,), encode_options=cache)["ndcg@10"],
+            "test": evaluate_retrieval(encoder, data, "test", k_values=(10,), encode_options=cache)["ndcg@10"],
             "stsb": evaluate_sts(encoder, sts_file(args.work, args.scale))["spearman"],
             "general": evaluate_retrieval(encoder, general, "test", k_values=(10,))["ndcg@10"]}
 

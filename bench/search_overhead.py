@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--cache_dir", default="/tmp/textcl-bench-embeddings")
     args = parser.parse_args()
 
-    from textcl import Encoder
+    from textcl import EncodeOptions, Encoder
     from textcl.retrieval.search_index import SearchIndex
 
     encoder = Encoder.load(minilm_path(), max_seq_length=256)
@@ -35,7 +35,7 @@ def main() -> None:
     with (SHARED / "scifact" / "queries.jsonl").open(encoding="utf-8") as handle:
         queries = [json.loads(line)["text"] for line in handle]
     index = SearchIndex.build(encoder, docs, factory=args.factory, search_params=args.search_params,
-                              cache_dir=args.cache_dir, show_progress_bar=True)
+                              encode_options=EncodeOptions(cache_dir=args.cache_dir, show_progress_bar=True))
     vectors = encoder.encode(queries, batch_size=64, normalize=True)
     raw, k = index.index, args.k
     assert np.array_equal(index.search_vectors(vectors, k).scores, raw.search(vectors, k)[0])

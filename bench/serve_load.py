@@ -40,7 +40,7 @@ SIDES = {"batched": [], "single": ["--max_batch_size", "1"]}
 
 
 def build_index(folder: Path, docs: int, model: Path) -> None:
-    from textcl import Encoder
+    from textcl import EncodeOptions, Encoder
     from textcl.model.onnx_export import export_onnx
     from textcl.retrieval.search_index import SearchIndex
 
@@ -49,11 +49,12 @@ def build_index(folder: Path, docs: int, model: Path) -> None:
     if (folder / "meta.json").exists():
         return
     encoder = Encoder.load(model, device="cpu")
-    SearchIndex.build(encoder, sentences(docs), model_path=model, show_progress_bar=True).save(folder)
+    options = EncodeOptions(show_progress_bar=True)
+    SearchIndex.build(encoder, sentences(docs), model_path=model, encode_options=options).save(folder)
 
 
 def encoder_ceiling(index: Path, backend: str, queries: list[str], seconds: float = 10.0) -> dict[int, float]:
-    """Milliseconds per query of the index's encoder alone (`encode_queries`, no HTTP) in forwards of 1, 8 and 16
+    """Milliseconds per query of the index's encoder alone (`SearchIndex.encode`, no HTTP) in forwards of 1, 8 and 16
     queries, each timed over the same queries for about `seconds` (best of 2 passes)."""
     from textcl.retrieval.search_index import SearchIndex
 
@@ -61,10 +62,10 @@ def encoder_ceiling(index: Path, backend: str, queries: list[str], seconds: floa
     per_query = {}
     for size in (1, 8, 16):
         groups = [queries[start:start + size] for start in range(0, len(queries) - size + 1, size)]
-        loaded.encode_queries(groups[0], size)  # warm-up
+        loaded.encode(groups[0], "query", size)  # warm-up
         count = max(1, min(len(groups), int(seconds / 2 / (0.02 * size))))  # ~seconds/2 a pass at ~20 ms a query
         per_query[size] = 1000 * best_time(
-            lambda: [loaded.encode_queries(group, size) for group in groups[:count]], 2) / (count * size)
+            lambda: [loaded.encode(group, "query", size) for group in groups[:count]], 2) / (count * size)
     return per_query
 
 

@@ -22,6 +22,7 @@ from conftest import SENTENCES
 
 from textcl import Encoder
 from textcl.io.beir import doc_text, load_beir
+from textcl.model.encode_options import EncodeOptions
 from textcl.retrieval.corpus_embeddings import encode_corpus
 
 MAX_LENGTH = 256  # MTEB's SciFact figure for all-MiniLM-L6-v2 uses max length 256
@@ -77,7 +78,7 @@ def encode_scifact(model_path: str, folder: str, cache_dir: str) -> SciFact:
     encoder = load_minilm(model_path)
     corpus = load_beir(folder, "test").corpus
     ids, texts = list(corpus), [doc_text(*corpus[key]) for key in corpus]
-    embeddings = encode_corpus(encoder, texts, cache_dir=cache_dir, show_progress_bar=True)
+    embeddings = encode_corpus(encoder, texts, "document", EncodeOptions(cache_dir=cache_dir, show_progress_bar=True))
     return SciFact(Path(folder), encoder, Path(cache_dir), ids, texts, embeddings)
 
 

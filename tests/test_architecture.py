@@ -38,6 +38,8 @@ def test_the_import_contracts_hold() -> None:
     ("retrieval/mining.py", "textcl.cli", "Nothing outside the CLI imports the CLI"),
     ("retrieval/search_index.py", "textcl.serving.store", "Only the CLI imports the server"),
     ("serving/app.py", "textcl.training.trainer", "The server uses the model, retrieval and io only"),
+    ("model/lora.py", "textcl.model.encoder", "Inside the model"),
+    ("model/st_folder.py", "textcl.model.encoder", "Inside the model"),
 ])
 def test_a_forbidden_import_breaks_the_contracts(tmp_path: Path, module: str, forbidden: str, contract: str) -> None:
     """A copy of the package with one forbidden import added fails, naming the broken contract."""

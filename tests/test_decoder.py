@@ -177,13 +177,11 @@ LLAMA_LIKE = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_targets_every_projection_of_each_family(family: str) -> None:
-    from textcl.model.lora import add_lora
-
     encoder = tiny_encoder(family)
     targets, exclude = default_target_modules(encoder.model)
     assert targets == EXPECTED_TARGETS.get(family, LLAMA_LIKE) and exclude is None
     before = encoder.encode(TEXTS)
-    add_lora(encoder, "tiny", r=2, alpha=4, dropout=0.0)
+    encoder.add_lora("tiny", r=2, alpha=4, dropout=0.0)
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in encoder.model.named_parameters()
                if "lora_A" in name}
     assert sorted(adapted) == targets
@@ -244,7 +242,7 @@ def test_train_a_decoder_with_per_source_instructions_and_lora(qwen3_dir: Path, 
     SearchIndex.build(encoder, SENTENCES).save(tmp_path / "index")  # what `textcl index` and `textcl serve` use
     index = SearchIndex.load(tmp_path / "index")
     queries = encoder.encode(TEXTS, prompt_name="query")
-    np.testing.assert_allclose(index.encode_queries(TEXTS), queries, atol=1e-5)  # the index applies the instruction
+    np.testing.assert_allclose(index.encode(TEXTS, "query"), queries, atol=1e-5)  # the index applies the instruction
     pytest.importorskip("fastapi")
     from textcl.serving.service import EncodeJob, SearchService
     from textcl.serving.store import DurableIndex

@@ -23,6 +23,7 @@ from textcl.evaluation.retrieval_metrics import retrieval_metrics
 from textcl.evaluation.sts import evaluate_sts
 from textcl.evaluation.suite import evaluate
 from textcl.io.beir import doc_text, load_beir
+from textcl.model.encode_options import EncodeOptions
 from textcl.retrieval import exact_search as exact_search_module
 from textcl.retrieval.corpus_embeddings import encode_corpus
 from textcl.retrieval.exact_search import exact_search
@@ -180,13 +181,13 @@ def test_chunked_cached_encoding_equals_encode_and_is_reused(tiny: Encoder, tmp_
     texts = [f"{SENTENCES[i % 12]} number {i}" for i in range(50)]
     expected = tiny.encode(texts, normalize=True)
     in_memory = encode_corpus(tiny, texts, chunk_size=7)
-    cached = encode_corpus(tiny, texts, chunk_size=7, cache_dir=tmp_path)
+    cached = encode_corpus(tiny, texts, encode_options=EncodeOptions(cache_dir=tmp_path), chunk_size=7)
     assert isinstance(cached, np.memmap) and len(list(tmp_path.glob("*.npy"))) == 1
     assert np.allclose(in_memory, expected, atol=1e-6) and np.allclose(cached, expected, atol=1e-6)
     with monkeypatch.context() as patch:
         patch.setattr(tiny.model, "forward", lambda *a, **k: pytest.fail("the cache should have been used"))
-        assert np.array_equal(encode_corpus(tiny, texts, cache_dir=tmp_path), cached)
-    encode_corpus(tiny, texts, cache_dir=tmp_path, max_seq_length=8)
+        assert np.array_equal(encode_corpus(tiny, texts, encode_options=EncodeOptions(cache_dir=tmp_path)), cached)
+    encode_corpus(tiny, texts, encode_options=EncodeOptions(cache_dir=tmp_path, document_max_length=8))
     assert len(list(tmp_path.glob("*.npy"))) == 2, "another max length is another cache entry"
 
 
@@ -205,11 +206,12 @@ def test_exact_search_over_blocks_and_parts_equals_numpy(monkeypatch) -> None:
 SHARD_SCRIPT = """
 import sys, numpy as np
 from textcl import Encoder
+from textcl.model.encode_options import EncodeOptions
 from textcl.retrieval.corpus_embeddings import distributed_state, encode_corpus
 encoder = Encoder.load(sys.argv[1], pooling="mean")
 texts = [f"text {i} " * (i % 7 + 1) for i in range(45)]
 for name, cache in (("cached", sys.argv[2]), ("temporary", None)):
-    out = encode_corpus(encoder, texts, cache_dir=cache, chunk_size=4)
+    out = encode_corpus(encoder, texts, encode_options=EncodeOptions(cache_dir=cache), chunk_size=4)
     np.save(f"{sys.argv[3]}-{name}-{distributed_state().process_index}.npy", np.asarray(out))
 """
 
@@ -231,7 +233,8 @@ def test_two_processes_encode_one_shard_each(tiny: Encoder, tiny_model_dir: Path
 
 @pytest.mark.slow
 def test_scifact_ndcg_matches_the_published_minilm_figure(scifact) -> None:  # noqa: F811
-    result = evaluate_retrieval(scifact.encoder, scifact.folder, "test", cache_dir=scifact.cache_dir)
+    result = evaluate_retrieval(scifact.encoder, scifact.folder, "test",
+                                encode_options=EncodeOptions(cache_dir=scifact.cache_dir))
     print({k: round(v, 4) for k, v in result.items()})
     assert result["ndcg@10"] == pytest.approx(0.6451, abs=0.005)
     assert result["mrr@10"] == pytest.approx(0.6047, abs=0.005)

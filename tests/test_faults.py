@@ -23,6 +23,7 @@ from textcl import Encoder
 from textcl.cli import main
 from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock
+from textcl.model.encode_options import EncodeOptions
 from textcl.retrieval.corpus_embeddings import encode_corpus
 from textcl.retrieval.search_index import SearchIndex
 from textcl.training.checkpoint import STATE_FILE, check_dcp_metadata
@@ -458,8 +459,9 @@ def test_fsdp_sharded_checkpoint_pickles_are_checked_before_torch_reads_them(tmp
 
 def test_a_damaged_embedding_cache_is_encoded_again(tiny_model_dir: Path, tmp_path: Path, caplog) -> None:
     encoder = Encoder.load(tiny_model_dir, pooling="mean")
-    expected = np.array(encode_corpus(encoder, SENTENCES, cache_dir=tmp_path))  # a copy, not the memory map
+    cached_options = EncodeOptions(cache_dir=tmp_path)
+    expected = np.array(encode_corpus(encoder, SENTENCES, encode_options=cached_options))  # a copy, not the memory map
     (cached,) = tmp_path.glob("*.npy")
     cached.write_bytes(cached.read_bytes()[:200])
-    assert np.allclose(encode_corpus(encoder, SENTENCES, cache_dir=tmp_path), expected)
+    assert np.allclose(encode_corpus(encoder, SENTENCES, encode_options=cached_options), expected)
     assert "damaged" in caplog.text

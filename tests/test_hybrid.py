@@ -110,7 +110,7 @@ def test_writes_keep_bm25_equal_to_a_fresh_build(encoder: Encoder, tmp_path: Pat
     documents; int8 quantization underneath changes nothing on the BM25 side."""
     index = SearchIndex.build(encoder, SENTENCES[:8], IDS[:8], hybrid=True, quantize="int8", rescore=2)
     new = ["A zebra grazes near the river.", "The zebra and the dog are friends."]
-    index.add_vectors(["z1", "z2"], new, SearchIndex.encode_docs(encoder, index.meta, new, 8, None, False))
+    index.add_vectors(["z1", "z2"], new, index.encode(new, "document", 8))
     index.remove(["doc-1", "doc-4"])
     index.save(tmp_path / "index")
     loaded = SearchIndex.load(tmp_path / "index")

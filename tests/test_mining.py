@@ -14,6 +14,7 @@ from textcl import Encoder
 from textcl.errors import TextclError
 from textcl.io.beir import doc_text, load_beir
 from textcl.io.pairs import read_pairs
+from textcl.model.encode_options import EncodeOptions
 from textcl.retrieval.mining import mine_hard_negatives
 
 
@@ -75,7 +76,7 @@ def test_top_negatives_follow_the_rules(minilm: Encoder, small_set, vectors, cac
     expected = reference_negatives(vectors, anchors, positives, corpus, 3, 40, 0.9, 0.02)
     mined = mine_hard_negatives(
         minilm, anchors, positives, corpus, num_negatives=4, range_min=3, range_max=40, max_score_ratio=0.9,
-        margin=0.02, cache_dir=cache,
+        margin=0.02, encode_options=EncodeOptions(cache_dir=cache),
     )
     complete = [(a, p) for a, p in zip(anchors, positives) if len(expected[a]) >= 4]
     assert list(zip(mined.columns["anchor"], mined.columns["positive"])) == complete
@@ -93,7 +94,7 @@ def test_min_negatives_keeps_short_rows_with_empty_slots(minilm: Encoder, small_
     expected = reference_negatives(vectors, anchors, positives, corpus, 3, 40, 0.9, 0.02)
     mined = mine_hard_negatives(
         minilm, anchors, positives, corpus, num_negatives=4, min_negatives=0, range_min=3, range_max=40,
-        max_score_ratio=0.9, margin=0.02, cache_dir=cache,
+        max_score_ratio=0.9, margin=0.02, encode_options=EncodeOptions(cache_dir=cache),
     )
     assert mined.columns["anchor"] == anchors and mined.stats.rows_too_few_negatives == 0
     assert mined.stats.rows_short == sum(len(expected[a]) < 4 for a in anchors) > 0
@@ -107,7 +108,7 @@ def test_random_sampling_draws_from_the_eligible_candidates(
 ) -> None:
     anchors, positives, corpus = small_set
     expected = reference_negatives(vectors, anchors, positives, corpus, 0, 60, 0.95, 0.0)
-    options = dict(num_negatives=3, range_min=0, range_max=60, cache_dir=cache)
+    options = dict(num_negatives=3, range_min=0, range_max=60, encode_options=EncodeOptions(cache_dir=cache))
     mined = mine_hard_negatives(minilm, anchors, positives, corpus, sampling="random", seed=7, **options)
     top = mine_hard_negatives(minilm, anchors, positives, corpus, **options)
     for anchor, negatives in zip(mined.columns["anchor"], negatives_of(mined.columns, 3)):
@@ -132,7 +133,7 @@ def test_equals_sentence_transformers_when_range_min_is_zero(
         output_scores=True, verbose=False,
     )
     ours = mine_hard_negatives(minilm, anchors, positives, corpus, num_negatives=3, range_min=0, range_max=500,
-                               cache_dir=cache)
+                               encode_options=EncodeOptions(cache_dir=cache))
     ours_pairs = sorted(zip(ours.columns["anchor"], ours.columns["positive"]))
     assert ours_pairs == sorted(zip(peer["anchor"], peer["positive"]))
     peer_rows = {(a, p): (n1, n2, n3, s) for a, p, n1, n2, n3, s in zip(
@@ -146,7 +147,7 @@ def test_equals_sentence_transformers_when_range_min_is_zero(
 
 def test_ivf_probing_every_list_equals_flat(minilm: Encoder, small_set, cache: Path) -> None:  # noqa: F811
     anchors, positives, corpus = small_set
-    options = dict(num_negatives=3, range_min=2, range_max=30, cache_dir=cache)
+    options = dict(num_negatives=3, range_min=2, range_max=30, encode_options=EncodeOptions(cache_dir=cache))
     flat = mine_hard_negatives(minilm, anchors, positives, corpus, **options)
     ivf = mine_hard_negatives(minilm, anchors, positives, corpus, factory="IVF4,Flat", search_params="nprobe=4",
                               **options)
@@ -159,7 +160,8 @@ def test_second_run_reuses_the_embedding_cache(tiny_model_dir: Path, tmp_path: P
 
     encoder = Encoder.load(tiny_model_dir, pooling="mean")
     anchors, positives = SENTENCES[:4], SENTENCES[4:8]
-    options = dict(num_negatives=2, range_min=0, range_max=4, max_score_ratio=None, margin=None, cache_dir=tmp_path)
+    options = dict(num_negatives=2, range_min=0, range_max=4, max_score_ratio=None, margin=None,
+                   encode_options=EncodeOptions(cache_dir=tmp_path))
     first = mine_hard_negatives(encoder, anchors, positives, SENTENCES[8:], **options)
     assert len(list(tmp_path.glob("*.npy"))) == 3, "corpus, extra positives and anchors"
     monkeypatch.setattr(encoder.model, "forward", lambda *a, **k: pytest.fail("embeddings should come from the cache"))
@@ -186,7 +188,8 @@ def test_bad_options_are_clear(tiny_model_dir: Path, options: dict, message: str
 def test_scifact_train_negatives(scifact, monkeypatch) -> None:  # noqa: F811
     anchors, positives, corpus = read_pairs(scifact.folder, "train")
     assert corpus == scifact.texts, "same texts, so the session cache holds the corpus embeddings"
-    mined = mine_hard_negatives(scifact.encoder, anchors, positives, corpus, cache_dir=scifact.cache_dir)
+    cached = EncodeOptions(cache_dir=scifact.cache_dir)
+    mined = mine_hard_negatives(scifact.encoder, anchors, positives, corpus, encode_options=cached)
     print(mined.stats.summary())
     train = load_beir(scifact.folder, "train")
     relevant: dict[str, set[str]] = {}
@@ -200,5 +203,5 @@ def test_scifact_train_negatives(scifact, monkeypatch) -> None:  # noqa: F811
             assert columns[f"negative_{j}"][i] not in relevant[anchor]
             assert columns[f"negative_{j}_score"][i] < 0.95 * columns["positive_score"][i]
     monkeypatch.setattr(scifact.encoder.model, "forward", lambda *a, **k: pytest.fail("embeddings must be cached"))
-    again = mine_hard_negatives(scifact.encoder, anchors, positives, corpus, cache_dir=scifact.cache_dir)
+    again = mine_hard_negatives(scifact.encoder, anchors, positives, corpus, encode_options=cached)
     assert again.columns == columns

@@ -18,7 +18,6 @@ from conftest import SENTENCES
 from textcl.cli import main
 from textcl.errors import TextclError
 from textcl.model.encoder import Encoder
-from textcl.model.lora import add_lora
 from textcl.model.onnx_export import MIN_COSINE, export_onnx
 from textcl.model.pooling import POOLING_MODES
 from textcl.retrieval.search_index import SearchIndex
@@ -150,7 +149,7 @@ def test_stale_export_is_refused(tmp_path, exported):
 
 def test_lora_adapter_is_merged_on_export(tmp_path, tiny_model_dir):
     encoder = Encoder.load(tiny_model_dir, device="cpu")
-    add_lora(encoder, str(tiny_model_dir), r=4, target_modules=["query", "value"])
+    encoder.add_lora(str(tiny_model_dir), r=4, target_modules=["query", "value"])
     for name, parameter in encoder.model.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.5)  # a trained adapter: it changes the embeddings

@@ -15,7 +15,6 @@ from conftest import SENTENCES
 from textcl import Encoder
 from textcl.cli import COMMANDS, build_parser, main
 from textcl.cli.options import OVERWRITE_HELP
-from textcl.model.lora import add_lora
 
 REFUSAL = re.compile(r"textcl: error: '[^']+' already holds (a model|a search index|a run|an ONNX export); pass "
                      r"(--overwrite|--overwrite_output_dir true) to replace it")
@@ -29,7 +28,7 @@ def folders(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("overwrite")
     Encoder.load(tiny_model_dir, pooling="mean").save(root / "model")
     adapter = Encoder.load(tiny_model_dir, pooling="mean")
-    add_lora(adapter, str(tiny_model_dir), r=2)
+    adapter.add_lora(str(tiny_model_dir), r=2)
     adapter.save(root / "adapter")
     (root / "corpus.txt").write_text("\n".join(SENTENCES[:8]) + "\n")
     return {"model": root / "model", "adapter": root / "adapter", "corpus": root / "corpus.txt", "root": root}

@@ -20,6 +20,7 @@ from textcl.config import DataArguments, load_config
 from textcl.data.loader import build_training_data
 from textcl.demo.run import demo_rows
 from textcl.errors import TextclError
+from textcl.model.encode_options import EncodeOptions
 from textcl.retrieval.mining import mine_hard_negatives
 from textcl.training.checkpoint import decode
 from textcl.training.plan import plan_run
@@ -96,7 +97,8 @@ def test_remined_negatives_are_mine_hard_negatives_with_the_model_of_that_step(
     assert (recorded["query_max_length"], recorded["document_max_length"]) == (64, 64)
     expected = mine_hard_negatives(encoder, [r["anchor"] for r in rows], [r["positive"] for r in rows], corpus,
                                    num_negatives=2, min_negatives=0, range_min=0, range_max=10, max_score_ratio=None,
-                                   margin=None, query_max_length=64, document_max_length=64)
+                                   margin=None,
+                                   encode_options=EncodeOptions(query_max_length=64, document_max_length=64))
     state = json.loads((full_run / "checkpoint-2" / "textcl_state.json").read_text())["state"]
     saved = decode(state, load_file(full_run / "checkpoint-2" / "textcl_state.safetensors"))["remining"]["negatives"]
     want = [[t for t in (a, b) if t] for a, b in zip(expected.columns["negative_1"], expected.columns["negative_2"])]

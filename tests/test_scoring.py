@@ -14,6 +14,7 @@ from conftest import SENTENCES, build_tokenizer
 from textcl import Encoder
 from textcl.cli import main
 from textcl.io.tables import load_table, read_provenance
+from textcl.model.encode_options import EncodeOptions
 from textcl.retrieval.scoring import load_teacher, score_pairs
 
 
@@ -72,10 +73,10 @@ def test_cross_encoder_scores_are_its_raw_logits(cross_encoder_dir: Path, tmp_pa
     assert teacher.kind == "cross-encoder"
     pairs = [(SENTENCES[i], SENTENCES[(i * 5) % 12]) for i in range(12)]
     expected = CrossEncoder(str(cross_encoder_dir), device="cpu").predict(pairs, activation_fn=torch.nn.Identity())
-    scores = score_pairs(teacher, *zip(*pairs), batch_size=5, cache_dir=tmp_path)
+    scores = score_pairs(teacher, *zip(*pairs), EncodeOptions(batch_size=5, cache_dir=tmp_path))
     np.testing.assert_allclose(scores, np.asarray(expected).reshape(-1), atol=1e-5)
     assert len(list(tmp_path.glob("pairs-*.npy"))) == 1
-    np.testing.assert_array_equal(score_pairs(teacher, *zip(*pairs), cache_dir=tmp_path), scores)
+    np.testing.assert_array_equal(score_pairs(teacher, *zip(*pairs), EncodeOptions(cache_dir=tmp_path)), scores)
     data, out = write_triplets(tmp_path / "t.jsonl"), tmp_path / "scored.parquet"
     assert main(["score", str(cross_encoder_dir), "--data", str(data), "--out", str(out), "--no_cache"]) == 0
     row = load_table(out)[0]

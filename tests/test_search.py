@@ -14,6 +14,7 @@ from scifact_fixtures import scifact  # noqa: F401
 from textcl import Encoder
 from textcl.errors import TextclError
 from textcl.io.beir import load_beir
+from textcl.model.encode_options import EncodeOptions
 from textcl.retrieval.faiss_index import set_search_params
 from textcl.retrieval.search_index import SearchIndex
 
@@ -85,7 +86,8 @@ def test_bad_factory_is_a_clear_error(tiny_model_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_scifact_index_matches_numpy_and_ivf_recall(scifact, tmp_path: Path) -> None:  # noqa: F811
-    flat = SearchIndex.build(scifact.encoder, scifact.texts, scifact.ids, cache_dir=scifact.cache_dir)
+    flat = SearchIndex.build(scifact.encoder, scifact.texts, scifact.ids,
+                             encode_options=EncodeOptions(cache_dir=scifact.cache_dir))
     flat.save(tmp_path / "flat")
     loaded = SearchIndex.load(tmp_path / "flat", scifact.encoder)
     queries = list(load_beir(scifact.folder, "test").queries.values())[:100]
@@ -95,7 +97,8 @@ def test_scifact_index_matches_numpy_and_ivf_recall(scifact, tmp_path: Path) -> 
     assert hits.ids.tolist() == [[scifact.ids[r] for r in row] for row in rows]
     assert np.allclose(hits.scores, scores, atol=1e-5)
     assert loaded.search(queries[:5], k=10).ids.tolist() == hits.ids[:5].tolist()
-    ivf = SearchIndex.build(scifact.encoder, scifact.texts, scifact.ids, "IVF64,Flat", cache_dir=scifact.cache_dir)
+    ivf = SearchIndex.build(scifact.encoder, scifact.texts, scifact.ids, "IVF64,Flat",
+                            encode_options=EncodeOptions(cache_dir=scifact.cache_dir))
     recalls = {}
     for nprobe in (1, 4, 16):
         set_search_params(ivf.index, f"nprobe={nprobe}")

@@ -147,8 +147,7 @@ def test_search_over_http_equals_search_index(server: str, index_dir: Path) -> N
 
 def test_embed_equals_the_index_encodings(server: str, index_dir: Path) -> None:
     index = SearchIndex.load(index_dir)
-    for kind, expected in [("query", index.encode_queries(QUERIES)),
-                           ("document", SearchIndex.encode_docs(index.encoder, index.meta, QUERIES, 32, None, False))]:
+    for kind, expected in [("query", index.encode(QUERIES, "query")), ("document", index.encode(QUERIES, "document"))]:
         status, answer, _ = call(f"{server}/embed", "POST", {"texts": QUERIES, "kind": kind})
         assert status == 200 and answer["dimension"] == 32
         assert np.allclose(answer["vectors"], expected, atol=1e-5)
@@ -383,7 +382,7 @@ def store_with_writes(index_dir: Path, tmp_path: Path, snapshot_every: int = 100
     store = DurableIndex.open(folder, snapshot_every=snapshot_every)
     for n in range(3):
         texts = [f"added document number {n}"]
-        vectors = SearchIndex.encode_docs(store.index.encoder, store.index.meta, texts, 32, None, False)
+        vectors = store.index.encode(texts, "document")
         store.add([f"added-{n}"], texts, vectors)
     store.remove("doc-2")
     release_lock(store)  # as after a crash, which releases the server lock; the tests below open the folder again

@@ -109,7 +109,7 @@ def test_the_openai_client_gets_the_vectors_of_embed(client: openai.OpenAI, serv
     assert raw.headers["x-truncated-inputs"] == "1"
     assert raw.parse().usage.prompt_tokens == index.meta["max_seq_length"] + len(index.encoder.tokenizer(QUERIES[0])["input_ids"])
     queries = client.embeddings.create(model=model_dir.name, input=QUERIES, extra_body={"input_type": "query"})
-    np.testing.assert_allclose([item.embedding for item in queries.data], index.encode_queries(QUERIES), atol=1e-5)
+    np.testing.assert_allclose([item.embedding for item in queries.data], index.encode(QUERIES, "query"), atol=1e-5)
 
 
 @pytest.mark.parametrize("case", [

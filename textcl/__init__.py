@@ -14,6 +14,7 @@ from textcl.version import __version__
 
 EXPORTS = {
     "POOLING_MODES": "textcl.model.pooling",
+    "EncodeOptions": "textcl.model.encode_options",
     "Encoder": "textcl.model.encoder",
     "InfoNCELoss": "textcl.losses.infonce",
     "MatryoshkaLoss": "textcl.losses.matryoshka",
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from textcl.io.beir import load_beir
     from textcl.losses.infonce import InfoNCELoss
     from textcl.losses.matryoshka import MatryoshkaLoss
+    from textcl.model.encode_options import EncodeOptions
     from textcl.model.encoder import Encoder
     from textcl.model.pooling import POOLING_MODES
     from textcl.retrieval.mining import mine_hard_negatives

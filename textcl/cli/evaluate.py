@@ -6,16 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from textcl.cli.options import (
     add_encoding_options,
     add_fusion_options,
     add_quantize_options,
-    cache_dir_of,
     defaults_of,
+    encode_options_of,
     fusion_of,
-    precision_of,
 )
 from textcl.errors import TextclError
 from textcl.evaluation.hybrid import evaluate_hybrid, format_comparison
@@ -40,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(as a training run's eval_split measures its held-out rows)")
     parser.add_argument("--k_values", nargs="+", type=int, default=list(defaults["k_values"]))
     parser.add_argument("--allow_missing", action="store_true", help="drop qrels naming unknown documents/queries")
-    add_encoding_options(parser, evaluate_retrieval)
+    add_encoding_options(parser)
     add_quantize_options(parser, evaluate_retrieval)
     add_fusion_options(parser, dev_folder=False)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
@@ -63,28 +61,26 @@ def run(args: argparse.Namespace) -> None:
     pairs = read_evaluation_pairs(args.pairs) if args.pairs else None
     encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device, backend=args.backend,
                            onnx_file=args.onnx_file)
-    options: dict[str, Any] = {
-        "batch_size": args.batch_size, "precision": precision_of(args), "query_prompt_name": args.query_prompt_name,
-        "document_prompt_name": args.document_prompt_name, "query_max_length": args.query_max_length,
-        "cache_dir": cache_dir_of(args), "show_progress_bar": True, "quantize": args.quantize, "rescore": args.rescore,
-    }
+    options = encode_options_of(args)
     print(measured(args))
     if args.hybrid:
-        results = evaluate(encoder, sts=args.sts, sts_columns=args.sts_columns, batch_size=args.batch_size,
-                           precision=precision_of(args)) if args.sts else {}
+        results = evaluate(encoder, sts=args.sts, sts_columns=args.sts_columns,
+                           encode_options=options) if args.sts else {}
         if results:
             print(format_table(results) + "\n")
         results |= evaluate_hybrid(
             encoder, args.beir, args.split, args.k_values, fusion, args.fusion_dev_split, args.fusion_dev_queries,
-            args.fusion_dev_seed, allow_missing=args.allow_missing, **options,
+            args.fusion_dev_seed, allow_missing=args.allow_missing, quantize=args.quantize, rescore=args.rescore,
+            encode_options=options,
         )
         print(format_comparison(results))
     else:
         results = evaluate(encoder, sts=args.sts, beir=args.beir, split=args.split, sts_columns=args.sts_columns,
-                           k_values=args.k_values, allow_missing=args.allow_missing, **options) \
-            if args.sts or args.beir else {}
+                           encode_options=options, k_values=args.k_values, allow_missing=args.allow_missing,
+                           quantize=args.quantize, rescore=args.rescore) if args.sts or args.beir else {}
         if pairs is not None:  # each anchor searches all positives and negatives, as eval_split in training
-            results["pairs"] = evaluate_pairs(encoder, *pairs, k_values=args.k_values, **options)
+            results["pairs"] = evaluate_pairs(encoder, *pairs, k_values=args.k_values, quantize=args.quantize,
+                                              rescore=args.rescore, encode_options=options)
         print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from textcl.errors import TextclError
 from textcl.hub.push import push_to_hub
 from textcl.io.targets import check_model_target
 from textcl.model.encoder import Encoder
-from textcl.model.lora import is_adapter_folder, merged
+from textcl.model.lora import is_adapter_folder
 
 
 def configure_push(parser: argparse.ArgumentParser) -> None:
@@ -42,5 +42,5 @@ def run_merge(args: argparse.Namespace) -> None:
         raise TextclError(f"{args.adapter!r} holds no LoRA adapter (no adapter_config.json); "
                           "it is already a full model")
     check_model_target(args.output, args.overwrite)
-    save_model(merged(Encoder.load(args.adapter, device="cpu")), args.output)
+    save_model(Encoder.load(args.adapter, device="cpu").merged(), args.output)
     print(f"wrote {args.output}: {args.adapter} merged into its base model")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import faiss
 import torch
 import transformers
 
-from textcl.cli.options import add_encoding_options, cache_dir_of, defaults_of, precision_of
+from textcl.cli.options import add_encoding_options, defaults_of, encode_options_of
 from textcl.io.corpus import read_corpus
 from textcl.io.pairs import read_pairs
 from textcl.io.tables import check_output, negative_column_names, provenance_path, write_table
@@ -50,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default=None,
                         help="score the pairs with this model instead (a bi-encoder or a sentence-transformers "
                         "CrossEncoder): the targets of distill_loss")
-    add_encoding_options(parser, mine_hard_negatives, cache_by_default=True)
+    add_encoding_options(parser, cache_by_default=True)
 
 
 def optional_float(value: str) -> float | None:
@@ -67,22 +68,20 @@ def run(args: argparse.Namespace) -> None:
         corpus = read_corpus(args.corpus)[1]
     encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device, backend=args.backend,
                            onnx_file=args.onnx_file)
+    options = encode_options_of(args)
     mined = mine_hard_negatives(
         encoder, anchors, positives, corpus, num_negatives=args.num_negatives, min_negatives=args.min_negatives,
         range_min=args.range_min, range_max=args.range_max, max_score_ratio=args.max_score_ratio,
         margin=args.margin, sampling=args.sampling, factory=args.factory, search_params=args.search_params,
-        query_prompt_name=args.query_prompt_name, document_prompt_name=args.document_prompt_name,
-        query_max_length=args.query_max_length, batch_size=args.batch_size, precision=precision_of(args),
-        cache_dir=cache_dir_of(args), seed=args.seed, show_progress_bar=True,
+        seed=args.seed, encode_options=options,
     )
     print(mined.stats.summary())
     columns, scores = mined.columns, {"model": str(args.model), "kind": "bi-encoder (the mining model)"}
     if args.teacher:
         teacher = load_teacher(args.teacher, device=args.device)
         texts = {name: columns[name] for name in ["positive", *negative_column_names(list(columns))]}
-        columns |= score_table(teacher, columns["anchor"], texts, batch_size=args.batch_size,
-                               precision=precision_of(args), query_max_length=args.query_max_length,
-                               cache_dir=cache_dir_of(args), show_progress_bar=True)
+        teacher_options = dataclasses.replace(options, query_prompt_name=None, document_prompt_name=None)
+        columns |= score_table(teacher, columns["anchor"], texts, teacher_options)  # with the teacher's own prompts
         scores = {"model": teacher.name, "kind": teacher.kind}
     provenance = MiningRecord(str(args.model), str(args.data), args.split, str(args.corpus) if args.corpus else None,
                               mined.settings, scores, environment(args.device)).to_dict()

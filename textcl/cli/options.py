@@ -2,7 +2,8 @@
 
 The CLI holds no defaults of its own: each option's default is read from the signature of the library
 function the command calls (`defaults_of`), so `textcl mine --num_negatives` and
-`mine_hard_negatives(num_negatives=...)` cannot drift apart.
+`mine_hard_negatives(num_negatives=...)` cannot drift apart; the encoding options come from `EncodeOptions`, and
+`encode_options_of` turns them back into one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from textcl.errors import TextclError
 from textcl.evaluation.hybrid import evaluate_hybrid
 from textcl.hub.model_card import write_model_card
 from textcl.io.targets import write_model_folder
+from textcl.model.encode_options import EncodeOptions
 from textcl.model.encoder import BACKENDS, Encoder
 from textcl.model.precision import BF16_SETTINGS, resolve_precision
 from textcl.retrieval.corpus_embeddings import default_cache_dir
@@ -36,12 +38,10 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs: cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
 
 
-def add_encoding_options(
-    parser: argparse.ArgumentParser, function: Callable[..., Any], cache_by_default: bool = False
-) -> None:
-    """Options shared by eval, mine and index (defaults from `function`): truncation, prompts, batch size,
+def add_encoding_options(parser: argparse.ArgumentParser, cache_by_default: bool = False) -> None:
+    """Options shared by eval, mine and index (defaults from `EncodeOptions`): truncation, prompts, batch size,
     precision, device, embedding cache."""
-    defaults = defaults_of(function)
+    defaults = defaults_of(EncodeOptions)
     parser.add_argument("--max_seq_length", type=int, default=None, help="truncation length (default: the model's)")
     parser.add_argument("--query_max_length", type=int, default=defaults["query_max_length"],
                         help="truncation length of queries/anchors")
@@ -101,6 +101,14 @@ def cache_dir_of(args: argparse.Namespace) -> str | None:
     if args.no_cache:
         return None
     return args.cache_dir or (str(default_cache_dir()) if args.cache_by_default else None)
+
+
+def encode_options_of(args: argparse.Namespace) -> EncodeOptions:
+    """The `EncodeOptions` of a command's options (those it has; the others keep their defaults), with a progress
+    bar: the CLI shows one."""
+    names = ("query_prompt_name", "document_prompt_name", "query_max_length", "document_max_length", "batch_size")
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return EncodeOptions(**given, precision=precision_of(args), cache_dir=cache_dir_of(args), show_progress_bar=True)
 
 
 OVERWRITE_HELP = "replace what the target folder holds (without it, an existing model or index there is refused)"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from textcl.cli.options import add_bf16_option, add_device_option, cache_dir_of, defaults_of, precision_of
-from textcl.retrieval.scoring import load_teacher, score_file, score_pairs
+from textcl.cli.options import add_bf16_option, add_device_option, defaults_of, encode_options_of
+from textcl.model.encode_options import EncodeOptions
+from textcl.retrieval.scoring import load_teacher, score_file
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    defaults = defaults_of(score_file) | defaults_of(score_pairs)
+    defaults = defaults_of(score_file) | defaults_of(EncodeOptions)
     parser.description = ("Write the teacher's score of each (anchor, positive) and (anchor, negative) pair as "
                           "<column>_score columns next to the texts (positive_score, negative_1_score, ...), the "
                           "targets of distill_loss. The teacher is a bi-encoder (cosine) or a sentence-transformers "
@@ -35,8 +36,7 @@ def run(args: argparse.Namespace) -> None:
     teacher = load_teacher(args.model, device=args.device)
     rows = score_file(
         teacher, args.data, args.out, split=args.split, anchor_column=args.anchor_column,
-        positive_column=args.positive_column, negative_columns=args.negative_columns, batch_size=args.batch_size,
-        precision=precision_of(args), query_max_length=args.query_max_length, cache_dir=cache_dir_of(args),
-        show_progress_bar=True,
+        positive_column=args.positive_column, negative_columns=args.negative_columns,
+        encode_options=encode_options_of(args),
     )
     print(f"wrote {args.out}: {rows} rows with {teacher.kind} scores of {args.model}")

@@ -15,10 +15,9 @@ from textcl.cli.options import (
     add_fusion_options,
     add_overwrite_option,
     add_quantize_options,
-    cache_dir_of,
     defaults_of,
+    encode_options_of,
     fusion_of,
-    precision_of,
 )
 from textcl.errors import TextclError
 from textcl.evaluation.hybrid import choose_fusion_weight, sample_queries
@@ -44,7 +43,7 @@ def configure_index(parser: argparse.ArgumentParser) -> None:
                         help="faiss index_factory string, e.g. IVF1024,Flat or HNSW32")
     parser.add_argument("--search_params", default=defaults["search_params"],
                         help="faiss search parameters saved with the index")
-    add_encoding_options(parser, SearchIndex.build)
+    add_encoding_options(parser)
     add_quantize_options(parser, SearchIndex.build)
     add_fusion_options(parser, dev_folder=True)
 
@@ -62,11 +61,9 @@ def run_index(args: argparse.Namespace) -> None:
         encoder = Encoder.load(args.model, max_seq_length=args.max_seq_length, device=args.device,
                                backend=args.backend, onnx_file=args.onnx_file)
         index = SearchIndex.build(
-            encoder, texts, ids, args.factory, model_path=model, query_max_length=args.query_max_length,
-            query_prompt_name=args.query_prompt_name, document_prompt_name=args.document_prompt_name,
-            search_params=args.search_params, batch_size=args.batch_size, precision=precision_of(args),
-            cache_dir=cache_dir_of(args), show_progress_bar=True, quantize=args.quantize, rescore=args.rescore,
-            hybrid=args.hybrid, fusion=fusion,
+            encoder, texts, ids, args.factory, model_path=model, search_params=args.search_params,
+            quantize=args.quantize, rescore=args.rescore, hybrid=args.hybrid, fusion=fusion,
+            encode_options=encode_options_of(args),
         )
         if args.fusion_dev:
             choose_index_fusion(index, args)

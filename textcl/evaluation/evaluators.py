@@ -16,7 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 from textcl.evaluation.pairs import evaluate_pairs
 from textcl.evaluation.retrieval import K_VALUES, evaluate_retrieval
 from textcl.evaluation.sts import STS_COLUMNS, evaluate_sts
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.encode_options import EncodeOptions
+from textcl.model.text_encoder import TextEncoder
 
 
 @runtime_checkable
@@ -27,7 +28,7 @@ class Evaluator(Protocol):
     primary_metric: str
     greater_is_better: bool
 
-    def __call__(self, encoder: Encoder) -> dict[str, Any]: ...
+    def __call__(self, encoder: TextEncoder) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,14 @@ class STSEvaluator:
 
     files: tuple[str | Path, ...]
     columns: Sequence[str] = STS_COLUMNS
-    batch_size: int = ENCODE_BATCH_SIZE
-    precision: str = "fp32"
+    encode_options: EncodeOptions = EncodeOptions()  # STS reads its batch size and precision
     name: str = "sts"
     primary_metric: str = "spearman"
     greater_is_better: bool = True
 
-    def __call__(self, encoder: Encoder) -> dict[str, Any]:
-        return evaluate_sts(encoder, list(self.files), self.columns, batch_size=self.batch_size,
-                            precision=self.precision)
+    def __call__(self, encoder: TextEncoder) -> dict[str, Any]:
+        return evaluate_sts(encoder, list(self.files), self.columns, batch_size=self.encode_options.batch_size,
+                            precision=self.encode_options.precision)
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,7 @@ class RetrievalEvaluator:
     beir: str | Path
     split: str = "test"
     k_values: Sequence[int] = K_VALUES
-    batch_size: int = ENCODE_BATCH_SIZE
-    precision: str = "fp32"
+    encode_options: EncodeOptions = EncodeOptions()
     options: dict[str, Any] = field(default_factory=dict)  # the other keyword arguments of evaluate_retrieval
     name: str = "retrieval"
     greater_is_better: bool = True
@@ -65,9 +64,9 @@ class RetrievalEvaluator:
     def primary_metric(self) -> str:
         return f"ndcg@{10 if 10 in self.k_values else self.k_values[0]}"
 
-    def __call__(self, encoder: Encoder) -> dict[str, Any]:
-        return evaluate_retrieval(encoder, self.beir, self.split, self.k_values, batch_size=self.batch_size,
-                                  precision=self.precision, **self.options)
+    def __call__(self, encoder: TextEncoder) -> dict[str, Any]:
+        return evaluate_retrieval(encoder, self.beir, self.split, self.k_values, encode_options=self.encode_options,
+                                  **self.options)
 
 
 @dataclass(frozen=True)
@@ -78,20 +77,22 @@ class PairsEvaluator:
     anchors: tuple[str, ...]
     positives: tuple[str, ...]
     negatives: tuple[tuple[str, ...], ...] = ()
+    encode_options: EncodeOptions = EncodeOptions()
     name: str = "heldout"
     primary_metric: str = "ndcg@10"
     greater_is_better: bool = True
 
     @classmethod
-    def of(cls, rows: Any) -> PairsEvaluator:
+    def of(cls, rows: Any, encode_options: EncodeOptions = EncodeOptions()) -> PairsEvaluator:
         """The evaluator of held-out rows (`textcl.data.holdout.HeldOut`: anchors, positives, negatives)."""
-        return cls(tuple(rows.anchors), tuple(rows.positives), tuple(map(tuple, rows.negatives)))
+        return cls(tuple(rows.anchors), tuple(rows.positives), tuple(map(tuple, rows.negatives)), encode_options)
 
-    def __call__(self, encoder: Encoder) -> dict[str, Any]:
-        return evaluate_pairs(encoder, self.anchors, self.positives, self.negatives)
+    def __call__(self, encoder: TextEncoder) -> dict[str, Any]:
+        return evaluate_pairs(encoder, self.anchors, self.positives, self.negatives,
+                              encode_options=self.encode_options)
 
 
-def run_evaluators(evaluators: Sequence[Evaluator], encoder: Encoder) -> dict[str, dict[str, Any]]:
+def run_evaluators(evaluators: Sequence[Evaluator], encoder: TextEncoder) -> dict[str, dict[str, Any]]:
     """`{evaluator.name: evaluator(encoder)}` in order: the "Eval output" of ARCHITECTURE.md."""
     return {evaluator.name: evaluator(encoder) for evaluator in evaluators}
 

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import torch
 
 from textcl.errors import TextclError
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.text_encoder import TextEncoder
+from textcl.model.text_inputs import ENCODE_BATCH_SIZE
 
 
 def alignment_uniformity(
-    encoder: Encoder, pairs: Sequence[tuple[str, str]], batch_size: int = ENCODE_BATCH_SIZE, t: float = 2.0
+    encoder: TextEncoder, pairs: Sequence[tuple[str, str]], batch_size: int = ENCODE_BATCH_SIZE, t: float = 2.0
 ) -> dict[str, float]:
     """Wang & Isola (2020) on normalized embeddings f: alignment = mean ||f(x) - f(y)||^2 over the pairs;
     uniformity = log mean exp(-t ||f(u) - f(v)||^2) over all pairs u != v of distinct texts (O(n^2) memory)."""

@@ -16,11 +16,11 @@ from textcl.errors import TextclError
 from textcl.evaluation.retrieval import dense_run
 from textcl.evaluation.retrieval_metrics import retrieval_metrics
 from textcl.io.beir import BeirData
-from textcl.model.encoder import Encoder
+from textcl.model.text_encoder import TextEncoder
 
 
 def evaluate_pairs(
-    encoder: Encoder,
+    encoder: TextEncoder,
     anchors: Sequence[str],
     positives: Sequence[str],
     negatives: Sequence[Sequence[str]] = (),

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from textcl.evaluation.retrieval_metrics import retrieval_metrics
 from textcl.io.beir import BeirData, doc_text, load_beir
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
-from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus
+from textcl.model.encode_options import EncodeOptions
+from textcl.model.text_encoder import TextEncoder
+from textcl.retrieval.corpus_embeddings import encode_corpus
 from textcl.retrieval.exact_search import exact_search
 from textcl.retrieval.quantization import build_quantized_index, check_quantization, quantized_search
 
@@ -19,39 +20,28 @@ K_VALUES = (1, 3, 5, 10, 100)
 
 
 def evaluate_retrieval(
-    encoder: Encoder,
+    encoder: TextEncoder,
     beir_dir: str | Path,
     split: str = "test",
     k_values: Sequence[int] = K_VALUES,
-    query_prompt_name: str | None = None,
-    document_prompt_name: str | None = None,
-    query_max_length: int | None = None,
-    document_max_length: int | None = None,
-    batch_size: int = ENCODE_BATCH_SIZE,
-    precision: str = "fp32",
     allow_missing: bool = False,
-    cache_dir: str | Path | None = None,
-    show_progress_bar: bool = False,
     quantize: str | None = None,
     rescore: int = 0,
+    encode_options: EncodeOptions = EncodeOptions(),
 ) -> dict[str, float | int]:
     """nDCG, MRR, Recall, MAP and Precision at every k (trec_eval conventions, see
     `textcl.evaluation.retrieval_metrics`).
 
-    Prompts default to the model's "query" / "document" prompts when it has them. Returns the metrics plus
-    "n_queries" (evaluated), "n_skipped_queries" (no relevant document) and "n_docs". `cache_dir` keeps
-    the corpus embeddings on disk (memory-mapped) for corpora larger than memory and for reuse. `quantize`
+    Queries and documents are encoded with `encode_options` (prompts default to the model's "query" /
+    "document" prompts when it has them). Returns the metrics plus "n_queries" (evaluated),
+    "n_skipped_queries" (no relevant document) and "n_docs". The options' `cache_dir` keeps the corpus
+    embeddings on disk (memory-mapped) for corpora larger than memory and for reuse. `quantize`
     ("int8" or "binary") and `rescore` search a quantized index of the documents instead, as `SearchIndex` does
     (`textcl.retrieval.quantization`), to measure what quantization costs.
     """
     check_quantization(quantize, rescore, encoder.dim)
     data = load_beir(beir_dir, split, allow_missing=allow_missing)
-    run = dense_run(
-        encoder, data, max(k_values), query_prompt_name=query_prompt_name, document_prompt_name=document_prompt_name,
-        query_max_length=query_max_length, document_max_length=document_max_length, batch_size=batch_size,
-        precision=precision, cache_dir=cache_dir, show_progress_bar=show_progress_bar, quantize=quantize,
-        rescore=rescore,
-    )
+    run = dense_run(encoder, data, max(k_values), quantize=quantize, rescore=rescore, encode_options=encode_options)
     return retrieval_metrics(data.qrels, run, k_values) | {"n_docs": len(data.corpus)}
 
 
@@ -61,40 +51,19 @@ def judged_queries(data: BeirData) -> list[str]:
 
 
 def dense_run(
-    encoder: Encoder,
+    encoder: TextEncoder,
     data: BeirData,
     depth: int,
-    query_prompt_name: str | None = None,
-    document_prompt_name: str | None = None,
-    query_max_length: int | None = None,
-    document_max_length: int | None = None,
-    batch_size: int = ENCODE_BATCH_SIZE,
-    precision: str = "fp32",
-    cache_dir: str | Path | None = None,
-    show_progress_bar: bool = False,
     quantize: str | None = None,
     rescore: int = 0,
+    encode_options: EncodeOptions = EncodeOptions(),
 ) -> dict[str, dict[str, float]]:
     """query id -> {doc id: score} of the top `depth` documents of each judged query of `data` (exact search,
     or a quantized index with `quantize`); the options are `evaluate_retrieval`'s."""
     doc_ids = list(data.corpus)
     query_ids = judged_queries(data)
-    options = {"batch_size": batch_size, "precision": precision, "cache_dir": cache_dir,
-               "show_progress_bar": show_progress_bar}
-    queries = encode_corpus(
-        encoder,
-        [data.queries[query_id] for query_id in query_ids],
-        prompt_name=default_prompt_name(encoder, query_prompt_name, "query"),
-        max_seq_length=query_max_length,
-        **options,
-    )
-    docs = encode_corpus(
-        encoder,
-        [doc_text(*data.corpus[doc_id]) for doc_id in doc_ids],
-        prompt_name=default_prompt_name(encoder, document_prompt_name, "document"),
-        max_seq_length=document_max_length,
-        **options,
-    )
+    queries = encode_corpus(encoder, [data.queries[query_id] for query_id in query_ids], "query", encode_options)
+    docs = encode_corpus(encoder, [doc_text(*data.corpus[doc_id]) for doc_id in doc_ids], "document", encode_options)
     if depth > len(doc_ids):
         logger.warning("k=%d is larger than the corpus (%d documents); ranking all of them", depth, len(doc_ids))
     run = {}

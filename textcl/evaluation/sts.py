@@ -11,7 +11,8 @@ from scipy.stats import pearsonr, spearmanr
 
 from textcl.errors import TextclError
 from textcl.io.tables import column, read_records
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.text_encoder import TextEncoder
+from textcl.model.text_inputs import ENCODE_BATCH_SIZE
 
 STS_COLUMNS = ("sentence1", "sentence2", "score")
 
@@ -43,7 +44,7 @@ def read_sts(
 
 
 def pair_cosines(
-    encoder: Encoder,
+    encoder: TextEncoder,
     first: Sequence[str],
     second: Sequence[str],
     batch_size: int,
@@ -62,7 +63,7 @@ def pair_cosines(
 
 
 def evaluate_sts(
-    encoder: Encoder,
+    encoder: TextEncoder,
     path_or_paths: str | Path | Sequence[str | Path],
     columns: Sequence[str] = STS_COLUMNS,
     batch_size: int = ENCODE_BATCH_SIZE,

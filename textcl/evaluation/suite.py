@@ -16,31 +16,32 @@ from textcl.evaluation.evaluators import Evaluator, RetrievalEvaluator, STSEvalu
 from textcl.evaluation.retrieval import K_VALUES
 from textcl.evaluation.retrieval_metrics import METRIC_NAMES
 from textcl.evaluation.sts import STS_COLUMNS
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.encode_options import EncodeOptions
+from textcl.model.text_encoder import TextEncoder
 
 
 def evaluate(
-    encoder: Encoder,
+    encoder: TextEncoder,
     sts: str | Path | Sequence[str | Path] | None = None,
     beir: str | Path | None = None,
     split: str = "test",
     sts_columns: Sequence[str] = STS_COLUMNS,
     *,
-    batch_size: int = ENCODE_BATCH_SIZE,
-    precision: str = "fp32",
+    encode_options: EncodeOptions = EncodeOptions(),
     **retrieval_options: Any,
 ) -> dict[str, dict[str, Any]]:
     """{"sts": evaluate_sts(...), "retrieval": evaluate_retrieval(...)}, each key present when asked for;
-    `retrieval_options` go to `evaluate_retrieval`."""
+    STS takes the batch size and precision of `encode_options`, retrieval all of them and
+    `retrieval_options`."""
     if not sts and not beir:
         raise TextclError("nothing to evaluate: give STS files (--sts FILE) and/or a BEIR folder (--beir DIR)")
     evaluators: list[Evaluator] = []
     if sts:
         evaluators.append(STSEvaluator(tuple(sts) if isinstance(sts, (list, tuple)) else (sts,), sts_columns,
-                                       batch_size=batch_size, precision=precision))
+                                       encode_options=encode_options))
     if beir:
         k_values = retrieval_options.pop("k_values", K_VALUES)
-        evaluators.append(RetrievalEvaluator(beir, split, k_values, batch_size=batch_size, precision=precision,
+        evaluators.append(RetrievalEvaluator(beir, split, k_values, encode_options=encode_options,
                                              options=retrieval_options))
     return run_evaluators(evaluators, encoder)
 

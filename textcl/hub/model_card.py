@@ -303,7 +303,7 @@ def model_card(encoder: Encoder, run: TrainingRun | None = None, model_id: str =
     `model_id` is the name the usage examples load (a Hub id or a folder). A run with `lora_merge` saved
     its encoder merged, so the card describes a full model even though `encoder` still holds the adapter.
     """
-    trained = adapter_summary(encoder)
+    trained = adapter_summary(encoder.model)
     adapter = None if run and run.config.model.lora_merge else trained
     sections = [
         front_matter(run, model_id, adapter) + f"\n# {model_id}\n",

@@ -1,16 +1,19 @@
 """The Encoder: a `transformers` model + pooling (+ Dense) (+ L2 normalize) that turns text into vectors.
 
 `Encoder.forward` maps a tokenized batch to embeddings `[batch, dim]` (the training path);
-`Encoder.encode` maps a list of strings to a numpy array `[n, dim]` (the inference path), sorting by
-token length so each batch pads as little as possible, then restoring the input order.
-`Encoder.load` and `Encoder.save` read and write the sentence-transformers folder format
-(`textcl.model.st_folder`).
+`Encoder.encode` maps a list of strings to a numpy array `[n, dim]` (the inference path: the loop of
+`textcl.model.text_encoder.TextEncoder`, over `forward_arrays`). `Encoder.load` and `Encoder.save` read and
+write the sentence-transformers folder format (`textcl.model.st_folder`) through an `EncoderSpec`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +22,20 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from tqdm.auto import tqdm
 
 from textcl.errors import TextclError
 from textcl.model.decoder import is_decoder, prepare_decoder
 from textcl.model.device import resolve_device
 from textcl.model.fit import check_vocabulary, fit_length, position_limit
 from textcl.model.location import resolve_model_dir
-from textcl.model.lora import is_adapter_folder, load_adapter_model
+from textcl.model.lora import add_lora, is_adapter_folder, load_adapter_model, merge_adapter
 from textcl.model.onnx_backend import OnnxEncoder
 from textcl.model.pooling import check_pooling_mode, exclude_prompt, pool
 from textcl.model.precision import autocast
+from textcl.model.spec import EncoderSpec
 from textcl.model.st_folder import read_st_folder, write_st_folder
-from textcl.model.text_inputs import ENCODE_BATCH_SIZE, pad_arrays, prompt_token_count, resolve_prompt
+from textcl.model.text_encoder import TextEncoder
+from textcl.model.text_inputs import default_max_length, prompt_token_count
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ DENSE_ACTIVATIONS = {"tanh": nn.Tanh, "identity": nn.Identity}
 BACKENDS = ("torch", "onnx")
 
 
-class Encoder(nn.Module):
+class Encoder(nn.Module, TextEncoder):
     """Text encoder: `model` -> pooling -> optional Dense -> optional MLP head (training only) -> optional normalize.
 
     Args:
@@ -149,7 +153,7 @@ class Encoder(nn.Module):
         if (root / "modules.json").exists():
             spec = read_st_folder(root)
         elif (root / "config.json").exists() or is_adapter_folder(root):
-            spec = {"transformer_dir": root, "normalize": False}
+            spec = EncoderSpec(transformer_dir=root)
             if pooling is None:
                 logger.warning("%s is a plain transformers model; using mean pooling (pass pooling= to choose)", root)
         else:
@@ -157,31 +161,39 @@ class Encoder(nn.Module):
                 f"folder {str(root)!r} holds no model (no modules.json or config.json); "
                 "pass a folder saved by textcl, sentence-transformers or transformers"
             )
-        transformer_dir = spec.pop("transformer_dir")
-        try:
-            if is_adapter_folder(transformer_dir):
-                model = load_adapter_model(transformer_dir, trust_remote_code)
-            else:
-                model = transformers.AutoModel.from_pretrained(transformer_dir, trust_remote_code=trust_remote_code)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(transformer_dir, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as error:
-            reason = str(error).strip().splitlines()[0]
-            raise TextclError(f"could not load the transformers model in {str(transformer_dir)!r}: {reason}") from error
-        if is_decoder(model):
-            prepare_decoder(model, tokenizer)
-        if "max_seq_length" not in spec:
-            spec["max_seq_length"] = default_max_length(model, tokenizer)
+        load_transformer(spec, trust_remote_code)
+        if is_decoder(spec.model):
+            prepare_decoder(spec.model, spec.tokenizer)
+        if spec.max_seq_length is None:
+            spec.max_seq_length = default_max_length(spec.tokenizer,
+                                                     getattr(spec.model.config, "max_position_embeddings", None))
         overrides = {"pooling": pooling, "normalize": normalize, "max_seq_length": max_seq_length, "prompts": prompts}
-        spec.update({key: value for key, value in overrides.items() if value is not None})
-        config = model.config.to_dict()
-        check_vocabulary(tokenizer, config, root)
-        spec["max_seq_length"] = fit_length(spec["max_seq_length"], config, root)
-        return cls(model, tokenizer, mlp_head=mlp_head, **spec).to(device)
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(spec, key, value)
+        config = spec.model.config.to_dict()
+        check_vocabulary(spec.tokenizer, config, root)
+        spec.max_seq_length = fit_length(spec.max_seq_length, config, root)
+        return cls.from_spec(spec, mlp_head=mlp_head).to(device)
+
+    @classmethod
+    def from_spec(cls, spec: EncoderSpec, mlp_head: bool = False) -> Encoder:
+        """The encoder a spec describes (its `model` and `tokenizer` loaded)."""
+        return cls(spec.model, spec.tokenizer, spec.pooling, spec.normalize, spec.max_seq_length, spec.prompts,
+                   spec.dense, spec.dense_activation, mlp_head, spec.include_prompt)
+
+    def spec(self) -> EncoderSpec:
+        """What a saved folder holds of this encoder (the training-only MLP head is not part of it)."""
+        return EncoderSpec(model=self.model, tokenizer=self.tokenizer, hidden_size=self.hidden_size,
+                           max_seq_length=self.max_seq_length, pooling=self.pooling, dense=self.dense,
+                           dense_activation=self.dense_activation, normalize=self.normalize, prompts=self.prompts,
+                           include_prompt=self.include_prompt)
 
     def save(self, path: str | Path, model_card: Callable[[Encoder, Path], None] | None = None) -> None:
         """Write the model as a sentence-transformers folder (`textcl.model.st_folder`); `model_card(encoder,
-        folder)` then writes its README.md (e.g. `textcl.hub.write_model_card`)."""
-        write_st_folder(self, path)
+        folder)` then writes its README.md (e.g. `textcl.hub.write_model_card`). The training-only MLP head is
+        not written: a saved model is what inference uses."""
+        write_st_folder(self.spec(), path)
         if model_card is not None:
             model_card(self, Path(path))
 
@@ -190,6 +202,18 @@ class Encoder(nn.Module):
         self.dense = nn.Linear(self.hidden_size, out_features).to(self.device)
         self.dense_activation = activation
         self.activation = DENSE_ACTIVATIONS[activation]()
+
+    def add_lora(self, model_name_or_path: str, r: int = 16, alpha: int = 32, dropout: float = 0.1,
+                 target_modules: Sequence[str] = ()) -> None:
+        """Train a LoRA adapter instead of the transformer's weights (`textcl.model.lora.add_lora`, same
+        arguments); `model_name_or_path` is what this encoder was loaded from."""
+        self.model = add_lora(self.model, model_name_or_path, r, alpha, dropout, target_modules)
+
+    def merged(self) -> Encoder:
+        """A copy whose transformer has its LoRA adapter folded into the weights (this encoder is unchanged)."""
+        copied = copy.deepcopy(self)
+        copied.model = merge_adapter(copied.model)
+        return copied
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenize with padding to the longest text and truncation to `max_length` (default max_seq_length)."""
@@ -240,67 +264,56 @@ class Encoder(nn.Module):
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         return embeddings
 
-    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str:
-        """The prefix to prepend: an explicit `prompt` string, or the saved prompt called `prompt_name`."""
-        return resolve_prompt(self.prompts, prompt, prompt_name)
+    def running(self, precision: str) -> contextlib.AbstractContextManager:
+        """Eval mode (restored after), inference mode, and bf16 autocast for precision "bf16"."""
+        return evaluating(self, autocast(self.device, precision))
 
-    def encode(
-        self,
-        texts: str | Sequence[str],
-        batch_size: int = ENCODE_BATCH_SIZE,
-        prompt: str | None = None,
-        prompt_name: str | None = None,
-        normalize: bool | None = None,
-        truncate_dim: int | None = None,
-        show_progress_bar: bool = False,
-        convert_to_tensor: bool = False,
-        max_seq_length: int | None = None,
-        precision: str = "fp32",
-    ) -> np.ndarray | torch.Tensor:
-        """Embed `texts` -> `[n, dim]` float32 (numpy, or torch with `convert_to_tensor`); a single str gives `[dim]`.
+    def forward_arrays(self, batch: dict[str, np.ndarray], prompt_length: int | None = None) -> np.ndarray:
+        """Padded token arrays `[batch, seq]` -> float32 embeddings `[batch, dim]` through `embed` (not `forward`,
+        which accelerate may wrap for mixed precision: inference stays in the weights' own precision)."""
+        device = self.device
+        tensors = {key: torch.from_numpy(array).to(device) for key, array in batch.items()}
+        return self.embed(**tensors, prompt_length=prompt_length).float().cpu().numpy()
 
-        `normalize` defaults to the model's setting and is applied after `truncate_dim`, so truncated
-        Matryoshka vectors are unit length again. `max_seq_length` overrides the model's truncation length
-        (e.g. shorter queries than documents). Texts are tokenized once, sorted by token length, and
-        padded per batch to that batch's longest text; the output keeps the input order. `precision` "bf16"
-        runs the forwards under bf16 autocast (`textcl.model.precision`); the output stays float32.
-        """
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
-        prefix = self.resolve_prompt(prompt, prompt_name)
-        if prefix:
-            texts = [prefix + text for text in texts]
-        prompt_length = None if self.include_prompt else self.prompt_length(prefix)
-        dim = truncate_dim or self.dim
-        out = torch.empty(len(texts), dim, dtype=torch.float32)
-        if texts:
-            max_length = min(max_seq_length or self.max_seq_length, self.position_limit)
-            encoded = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
-            lengths = np.array([len(ids) for ids in encoded["input_ids"]])
-            order = np.argsort(-lengths, kind="stable")
-            was_training = self.training
-            self.eval()
-            starts = range(0, len(texts), batch_size)
-            with torch.inference_mode(), autocast(self.device, precision):
-                for start in tqdm(starts, desc="encode", disable=not show_progress_bar):
-                    index = order[start : start + batch_size]
-                    batch = pad_batch(encoded, index, self.tokenizer, self.device)
-                    embeddings = self.embed(**batch, prompt_length=prompt_length)[:, :dim].float()
-                    out[torch.from_numpy(index)] = embeddings.cpu()
-            self.train(was_training)
-        if normalize if normalize is not None else self.normalize:
-            out = F.normalize(out, p=2, dim=-1)
-        out = out[0] if single else out
-        return out if convert_to_tensor else out.numpy()
+    def fingerprint(self) -> str:
+        """sha256 of every weight and of the settings that change embeddings (pooling, Dense activation, tokenizer)."""
+        digest = hashlib.sha256()
+        hash_weights(digest, self)
+        tokenizer = self.tokenizer
+        settings = [self.pooling, self.dense_activation, type(tokenizer).__name__, len(tokenizer)]
+        settings += [] if self.include_prompt else ["include_prompt=False"]  # keeps older cache keys otherwise
+        digest.update(json.dumps(settings + [getattr(tokenizer, "name_or_path", "")]).encode())
+        return digest.hexdigest()
 
 
-def pad_batch(encoded: Any, index: np.ndarray, tokenizer: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Rows `index` of pre-tokenized lists as padded `[len(index), longest]` tensors on `device` (`pad_arrays`)."""
-    return {key: torch.from_numpy(array).to(device) for key, array in pad_arrays(encoded, index, tokenizer).items()}
+def load_transformer(spec: EncoderSpec, trust_remote_code: bool) -> None:
+    """Fill `spec.model` and `spec.tokenizer` from `spec.transformer_dir` (a transformers model or LoRA adapter)."""
+    folder = spec.transformer_dir
+    try:
+        if is_adapter_folder(folder):
+            spec.model = load_adapter_model(folder, trust_remote_code)
+        else:
+            spec.model = transformers.AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        spec.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise TextclError(f"could not load the transformers model in {str(folder)!r}: {reason}") from error
 
 
-def default_max_length(model: nn.Module, tokenizer: Any) -> int:
-    """The tokenizer's model_max_length when it is real, else the model's position limit (at most 512)."""
-    if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
-        return int(tokenizer.model_max_length)
-    return min(512, getattr(model.config, "max_position_embeddings", 512))
+@contextlib.contextmanager
+def evaluating(module: nn.Module, precision: contextlib.AbstractContextManager) -> Iterator[None]:
+    """`module` in eval mode under inference mode and the `precision` context; its training mode comes back after."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode(), precision:
+            yield
+    finally:
+        module.train(was_training)
+
+
+def hash_weights(digest: Any, module: nn.Module) -> None:
+    """Feed every weight of `module` (names and bytes) into `digest`."""
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)

@@ -1,21 +1,20 @@
 """LoRA adapters (Hu et al. 2021) on the encoder's transformer, through `peft`.
 
-`add_lora` wraps `encoder.model` in a `peft.PeftModel`: every base weight is frozen and each target
-linear layer `W [out, in]` gains `alpha / r * B A` with `A [r, in]` (random) and `B [out, r]` (zeros,
+`add_lora` wraps the encoder's transformer (an `nn.Module`) in a `peft.PeftModel`: every base weight is frozen
+and each target linear layer `W [out, in]` gains `alpha / r * B A` with `A [r, in]` (random) and `B [out, r]` (zeros,
 so training starts from the base model exactly). Only A and B train. A saved adapter folder holds
 `adapter_config.json` (whose `base_model_name_or_path` names the base model) and
 `adapter_model.safetensors` next to the tokenizer and sentence-transformers configs, so both
-`Encoder.load` and `SentenceTransformer` load it; `merged` folds `B A` into the weights for a plain
-full model.
+`Encoder.load` and `SentenceTransformer` load it; `merge_adapter` folds `B A` into the weights for a plain
+full model. Everything here works on the transformer module, never on the Encoder (which imports this).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import transformers
 from torch import nn
@@ -23,9 +22,6 @@ from torch import nn
 from textcl.errors import TextclError
 from textcl.model.decoder import decoder_lora_targets, is_decoder
 from textcl.model.location import resolve_model_dir
-
-if TYPE_CHECKING:
-    from textcl.model.encoder import Encoder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FULL_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -57,34 +53,35 @@ def default_target_modules(model: nn.Module) -> tuple[list[str] | str, list[str]
     return "all-linear", pooler or None
 
 
-def base_model_name(encoder: Encoder, model_name_or_path: str) -> str:
+def base_model_name(model: nn.Module, model_name_or_path: str) -> str:
     """What the adapter names as its base: the Hub id it came from, else the absolute local folder."""
     if Path(model_name_or_path).expanduser().exists():
-        return str(Path(encoder.model.name_or_path).resolve())
+        return str(Path(model.name_or_path).resolve())
     return model_name_or_path
 
 
 def add_lora(
-    encoder: Encoder,
+    model: nn.Module,
     model_name_or_path: str,
     r: int = 16,
     alpha: int = 32,
     dropout: float = 0.1,
     target_modules: Sequence[str] = (),
-) -> None:
-    """Make `encoder.model` a LoRA adapter (in place) of rank `r`, scale `alpha / r`, `dropout` on the LoRA
-    branch, on `target_modules` (default: `default_target_modules`; ["all-linear"] for every linear layer).
-    `model_name_or_path` is what the encoder was loaded from: the adapter names it as its base.
+) -> nn.Module:
+    """The transformer `model` as a LoRA adapter of rank `r`, scale `alpha / r`, `dropout` on the LoRA branch,
+    on `target_modules` (default: `default_target_modules`; ["all-linear"] for every linear layer); peft wraps
+    `model` itself, so use the returned module in its place. `model_name_or_path` is what the model was loaded
+    from: the adapter names it as its base.
 
-    An encoder loaded from an adapter folder keeps training that adapter (its own rank and targets).
+    A model loaded from an adapter folder keeps training that adapter (its own rank and targets).
     """
     from peft import LoraConfig, TaskType, get_peft_model  # see is_adapter: peft loads only where adapters are used
 
-    if is_adapter(encoder.model):
-        for name, parameter in encoder.model.named_parameters():
+    if is_adapter(model):
+        for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name)
-        return
-    targets, exclude = default_target_modules(encoder.model)
+        return model
+    targets, exclude = default_target_modules(model)
     if target_modules:
         chosen = list(target_modules)
         targets, exclude = ("all-linear" if chosen == ["all-linear"] else chosen), None
@@ -92,17 +89,18 @@ def add_lora(
         task_type=TaskType.FEATURE_EXTRACTION, r=r, lora_alpha=alpha,
         lora_dropout=dropout, target_modules=targets, exclude_modules=exclude,
     )
-    base = base_model_name(encoder, model_name_or_path)
+    base = base_model_name(model, model_name_or_path)
     try:
-        encoder.model = get_peft_model(encoder.model, config)
+        adapted = get_peft_model(model, config)
     except ValueError as error:
-        modules = encoder.model.named_modules()
+        modules = model.named_modules()
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules if isinstance(module, nn.Linear)})
         raise TextclError(
             f"lora_target_modules {targets} match no layer of this model ({str(error).splitlines()[0][:120]}); "
             f"its linear layers are named: {', '.join(linear)}"
         ) from None
-    encoder.model.peft_config["default"].base_model_name_or_path = base
+    adapted.peft_config["default"].base_model_name_or_path = base
+    return adapted
 
 
 def load_adapter_model(folder: Path, trust_remote_code: bool = False) -> nn.Module:
@@ -119,13 +117,12 @@ def load_adapter_model(folder: Path, trust_remote_code: bool = False) -> nn.Modu
     return model
 
 
-def merged(encoder: Encoder) -> Encoder:
-    """A copy of `encoder` whose transformer has the adapter folded into its weights (`encoder` is unchanged)."""
-    if not is_adapter(encoder.model):
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """The base model of the adapter `model` with the adapter folded into its weights (peft merges in place:
+    merge a copy to keep `model`)."""
+    if not is_adapter(model):
         raise TextclError("this model has no LoRA adapter to merge")
-    copied = copy.deepcopy(encoder)
-    copied.model = copied.model.merge_and_unload()
-    return copied
+    return model.merge_and_unload()
 
 
 def remove_other_format(root: Path, adapter: bool) -> None:
@@ -138,11 +135,11 @@ def remove_other_format(root: Path, adapter: bool) -> None:
             shard.unlink()
 
 
-def adapter_summary(encoder: Encoder) -> dict[str, Any] | None:
-    """{r, alpha, dropout, target_modules, base_model} of the encoder's adapter, or None without one."""
-    if not is_adapter(encoder.model):
+def adapter_summary(model: nn.Module) -> dict[str, Any] | None:
+    """{r, alpha, dropout, target_modules, base_model} of the transformer's adapter, or None without one."""
+    if not is_adapter(model):
         return None
-    config = encoder.model.peft_config["default"]
+    config = model.peft_config["default"]
     targets = config.target_modules
     return {
         "r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,

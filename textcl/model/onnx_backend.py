@@ -1,18 +1,20 @@
 """The ONNX backend: an encoder that runs a graph written by `textcl export` in onnxruntime, with no torch forward.
 
-`OnnxEncoder` offers the inference side of `Encoder` (`encode`, `dim`, `prompts`, `max_seq_length`,
-`resolve_prompt`), so encoding, evaluation, indexing and search take either. `Encoder.load(path,
-backend="onnx")` returns one. The graph already holds pooling, Dense and normalization
-(`textcl.model.onnx_export`); this class tokenizes, sorts texts by length, pads each batch and runs it.
-A file exported from other weights than the folder now holds is refused (`weights_digest`).
+`OnnxEncoder` is a `TextEncoder` (`textcl.model.text_encoder`), like the torch `Encoder`, so encoding,
+evaluation, indexing and search take either. `Encoder.load(path, backend="onnx")` returns one. The graph
+already holds pooling, Dense and normalization (`textcl.model.onnx_export`); this class runs a padded batch
+through it (`forward_arrays`), and the shared `encode` loop does the rest. The folder's settings (max length,
+prompts) come from the one sentence-transformers folder reader (`textcl.model.st_folder`). A file exported
+from other weights than the folder now holds is refused (`weights_digest`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,13 +22,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from textcl.errors import TextclError
-from textcl.model.location import resolve_model_dir
 from textcl.model.fit import check_vocabulary, fit_length, position_limit
+from textcl.model.location import resolve_model_dir
 from textcl.model.onnx_files import MODEL_FILE, ONNX_DIR, check_file_digest, weights_digest
-from textcl.model.text_inputs import ENCODE_BATCH_SIZE, pad_arrays, resolve_prompt
+from textcl.model.st_folder import read_st_folder
+from textcl.model.st_modules import read_json
+from textcl.model.text_encoder import TextEncoder
+from textcl.model.text_inputs import default_max_length
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +61,22 @@ def session_providers(device: str | torch.device | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def folder_settings(folder: Path) -> tuple[int | None, dict[str, str]]:
-    """(max_seq_length, prompts) from the sentence-transformers configs of `folder`, where present."""
-    max_seq_length, prompts = None, {}
-    if (folder / "sentence_bert_config.json").is_file():
-        max_seq_length = json.loads((folder / "sentence_bert_config.json").read_text()).get("max_seq_length")
-    if (folder / "config_sentence_transformers.json").is_file():
-        prompts = json.loads((folder / "config_sentence_transformers.json").read_text()).get("prompts") or {}
+def folder_settings(folder: Path, tokenizer: Any, config: dict[str, Any]) -> tuple[int, dict[str, str]]:
+    """(max_seq_length, prompts) of `folder` as the torch `Encoder.load` reads them: its sentence-transformers
+    configs, else the same default truncation length (`default_max_length` of the tokenizer and `config`, the
+    transformers config.json)."""
+    if (folder / "modules.json").is_file():
+        spec = read_st_folder(folder, settings_only=True)
+        max_seq_length, prompts = spec.max_seq_length, spec.prompts
+    else:
+        max_seq_length, prompts = None, {}
+    if max_seq_length is None:
+        max_seq_length = default_max_length(tokenizer, config.get("max_position_embeddings"))
     return max_seq_length, prompts
 
 
 @dataclass(eq=False)
-class OnnxEncoder:
+class OnnxEncoder(TextEncoder):
     """An exported graph in an onnxruntime session, with its tokenizer and the model's settings.
 
     `normalize` says whether the graph's output is L2-normalized; `dim` is its width.
@@ -90,6 +98,11 @@ class OnnxEncoder:
     def name_or_path(self) -> str:
         """The model folder (what a search index records as its model)."""
         return str(self.folder)
+
+    @functools.cached_property
+    def input_names(self) -> list[str]:
+        """The graph's inputs: input_ids, attention_mask, and token_type_ids where the model takes them."""
+        return [item.name for item in self.session.get_inputs()]
 
     @property
     def onnx_file(self) -> str:
@@ -135,20 +148,14 @@ class OnnxEncoder:
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as error:
             raise TextclError(f"could not load the tokenizer in {str(folder)!r}: {str(error).splitlines()[0]}") from None
-        saved_length, saved_prompts = folder_settings(folder)
-        tokenizer_length = getattr(tokenizer, "model_max_length", 0)
-        default_length = saved_length or (tokenizer_length if 0 < tokenizer_length < 100_000 else 512)
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        config = read_json(folder / "config.json")
         check_vocabulary(tokenizer, config, folder)
+        saved_length, saved_prompts = folder_settings(folder, tokenizer, config)
         return cls(
             session, tokenizer, path, folder, meta["textcl_pooling"], json.loads(meta["textcl_normalize"]),
-            int(meta["textcl_dim"]), fit_length(max_seq_length or default_length, config, folder),
+            int(meta["textcl_dim"]), fit_length(max_seq_length or saved_length, config, folder),
             dict(prompts or saved_prompts), position_limit(config) or 1 << 30,
         )
-
-    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str:
-        """The prefix to prepend: an explicit `prompt` string, or the saved prompt called `prompt_name`."""
-        return resolve_prompt(self.prompts, prompt, prompt_name)
 
     def fingerprint(self) -> str:
         """sha256 of the ONNX file and the tokenizer's identity (names this model in the embedding cache)."""
@@ -162,43 +169,16 @@ class OnnxEncoder:
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
-    def encode(
-        self,
-        texts: str | Sequence[str],
-        batch_size: int = ENCODE_BATCH_SIZE,
-        prompt: str | None = None,
-        prompt_name: str | None = None,
-        normalize: bool | None = None,
-        truncate_dim: int | None = None,
-        show_progress_bar: bool = False,
-        convert_to_tensor: bool = False,
-        max_seq_length: int | None = None,
-        precision: str = "fp32",
-    ) -> np.ndarray | torch.Tensor:
-        """Embed `texts` -> `[n, dim]` float32, as `Encoder.encode` does (same arguments and order), running
-        the graph in onnxruntime. `precision` must be "fp32": the graph's own weights set its precision."""
+    def running(self, precision: str) -> contextlib.AbstractContextManager:
+        """Nothing to set up; a precision other than "fp32" is refused: the graph's own weights set its precision."""
         if precision != "fp32":
             raise TextclError(f"precision {precision!r} applies to the torch backend; the ONNX backend runs the "
                               "graph as exported (fp32, or int8 with `textcl export --quantize int8`)")
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
-        prefix = self.resolve_prompt(prompt, prompt_name)
-        if prefix:
-            texts = [prefix + text for text in texts]
-        dim = truncate_dim or self.dim
-        out = np.empty((len(texts), dim), dtype=np.float32)
-        if texts:
-            encoded = self.tokenizer(texts, truncation=True, max_length=min(max_seq_length or self.max_seq_length, self.position_limit),
-                                     padding=False)
-            lengths = np.array([len(ids) for ids in encoded["input_ids"]])
-            order = np.argsort(-lengths, kind="stable")
-            inputs = [item.name for item in self.session.get_inputs()]
-            for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show_progress_bar):
-                index = order[start : start + batch_size]
-                batch = pad_arrays(encoded, index, self.tokenizer)
-                feeds = {name: batch.get(name, np.zeros_like(batch["input_ids"])) for name in inputs}
-                out[index] = self.session.run(["sentence_embedding"], feeds)[0][:, :dim]
-        if normalize if normalize is not None else self.normalize:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        result = out[0] if single else out
-        return torch.from_numpy(result) if convert_to_tensor else result
+        return contextlib.nullcontext()
+
+    def forward_arrays(self, batch: dict[str, np.ndarray], prompt_length: int | None = None) -> np.ndarray:
+        """Padded token arrays `[batch, seq]` -> the graph's `sentence_embedding` `[batch, dim]` (zeros for an input
+        the graph takes that the tokenizer does not make). A graph pools over every token (`textcl export` refuses
+        a model with `include_prompt` False), so `prompt_length` is always None here."""
+        feeds = {name: batch.get(name, np.zeros_like(batch["input_ids"])) for name in self.input_names}
+        return self.session.run(["sentence_embedding"], feeds)[0]

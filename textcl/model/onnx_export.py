@@ -40,7 +40,7 @@ from textcl.errors import TextclError
 from textcl.io.targets import check_model_target, refusal, write_model_folder
 from textcl.model.encoder import Encoder
 from textcl.model.location import resolve_model_dir
-from textcl.model.lora import is_adapter, merged
+from textcl.model.lora import is_adapter
 from textcl.model.onnx_files import INT8_FILE, MODEL_FILE, ONNX_DIR, weights_digest, write_file_digest
 from textcl.version import __version__
 
@@ -138,7 +138,7 @@ def export_onnx(
                 f"{root} is a LoRA adapter: pass --out DIR to write the merged model and its ONNX export there "
                 f"(or run `textcl merge {root} MERGED` and export MERGED)"
             )
-        encoder = merged(encoder)
+        encoder = encoder.merged()
     if out is None or same:
         if (root / ONNX_DIR / MODEL_FILE).exists() and not overwrite:
             raise refusal(root / ONNX_DIR, "an ONNX export")

@@ -1,4 +1,5 @@
-"""What both encoders (torch and ONNX) do to texts before a forward: pick the prompt prefix, pad a batch."""
+"""What both encoders (torch and ONNX) do to texts before a forward: pick the prompt prefix, pad a batch, and the
+default truncation length."""
 
 from __future__ import annotations
 
@@ -55,3 +56,11 @@ def pad_arrays(encoded: Any, index: np.ndarray, tokenizer: Any) -> dict[str, np.
                 array[row, : len(values)] = values
         batch[key] = array
     return batch
+
+
+def default_max_length(tokenizer: Any, max_position_embeddings: int | None) -> int:
+    """The truncation length of a folder that saves none: the tokenizer's model_max_length when it is real (not
+    transformers' 1e30 placeholder), else the model's position limit, at most 512. Both backends use it."""
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
+        return int(tokenizer.model_max_length)
+    return min(512, max_position_embeddings or 512)

@@ -1,13 +1,15 @@
 """Corpus-scale encoding with an on-disk embedding cache, shared by evaluation, mining and search.
 
-`encode_corpus` turns texts into float32 embeddings `[n, dim]` chunk by chunk. With a `cache_dir`, the
-array is written to a memory-mapped `.npy` named by a hash of the model weights, texts, prompt, max length,
-normalization and precision, so a corpus larger than memory never sits in RAM and a second run reuses it.
+`encode_corpus` turns texts into float32 embeddings `[n, dim]` chunk by chunk, with the prompt and max length
+of one side (query or document) of an `EncodeOptions`. With its `cache_dir`, the array is written to a
+memory-mapped `.npy` named by a hash of the model weights, texts, prompt, max length, normalization and
+precision, so a corpus larger than memory never sits in RAM and a second run reuses it.
 Under `accelerate launch` each process encodes a contiguous shard into the same file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
-from textcl.model.onnx_backend import OnnxEncoder
+from textcl.model.encode_options import EncodeOptions, Role
+from textcl.model.text_encoder import TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -37,40 +39,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "textcl" / "embeddings"
 
 
-def default_prompt_name(encoder: Encoder, prompt_name: str | None, role: str) -> str | None:
-    """`prompt_name` when given, else `role` ("query" or "document") if the model saved a prompt of that name."""
-    if prompt_name is not None:
-        return prompt_name
-    return role if role in encoder.prompts else None
-
-
-def hash_weights(digest: Any, module: torch.nn.Module) -> None:
-    """Feed every weight of `module` (names and bytes) into `digest`."""
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def model_fingerprint(encoder: Encoder | OnnxEncoder) -> str:
-    """sha256 of every weight and of the settings that change embeddings (pooling, Dense activation, tokenizer);
-    for the ONNX backend, of the graph file and the tokenizer (`OnnxEncoder.fingerprint`)."""
-    if isinstance(encoder, OnnxEncoder):
-        return encoder.fingerprint()
-    digest = hashlib.sha256()
-    hash_weights(digest, encoder)
-    tokenizer = encoder.tokenizer
-    settings = [encoder.pooling, encoder.dense_activation, type(tokenizer).__name__, len(tokenizer)]
-    digest.update(json.dumps(settings + [getattr(tokenizer, "name_or_path", "")]).encode())
-    return digest.hexdigest()
-
-
 def cache_key(
-    encoder: Encoder, texts: Sequence[str], prefix: str, max_length: int, normalize: bool, precision: str
+    encoder: TextEncoder, texts: Sequence[str], prefix: str, max_length: int, normalize: bool, precision: str
 ) -> str:
     """Names the cached embeddings of `texts` under this model, prompt prefix, max length, normalization and
     precision (bf16 gives other embeddings than fp32)."""
     digest = hashlib.sha256()
-    header = [CACHE_FORMAT, model_fingerprint(encoder), prefix, max_length, normalize, len(texts),
+    header = [CACHE_FORMAT, encoder.fingerprint(), prefix, max_length, normalize, len(texts),
               {"fp32": "float32", "bf16": "torch.bfloat16"}[precision]]
     digest.update(json.dumps(header).encode())
     for text in texts:
@@ -91,31 +66,29 @@ def distributed_state() -> Any:
 
 
 def encode_corpus(
-    encoder: Encoder,
+    encoder: TextEncoder,
     texts: Sequence[str],
+    role: Role = "document",
+    encode_options: EncodeOptions = EncodeOptions(),
     *,
-    batch_size: int = ENCODE_BATCH_SIZE,
-    prompt_name: str | None = None,
-    max_seq_length: int | None = None,
     normalize: bool = True,
-    precision: str = "fp32",
-    cache_dir: str | Path | None = None,
     chunk_size: int = 1024,
-    show_progress_bar: bool = False,
 ) -> np.ndarray:
-    """Embed `texts` -> float32 `[len(texts), dim]`, in chunks of `chunk_size` texts, at `precision` ("fp32" or
-    "bf16", see `Encoder.encode`).
+    """Embed `texts` -> float32 `[len(texts), dim]` with side `role`'s prompt and max length, the batch size and
+    precision of `encode_options` ("fp32" or "bf16", see `TextEncoder.encode`), in chunks of `chunk_size` texts.
 
-    With `cache_dir`: returns a read-only memory map of `<cache_dir>/<key>.npy`, encoding it first unless
-    it exists. Under a multi-process `accelerate launch`, every process must call this with the same
-    texts; each encodes its shard and all return the whole array.
+    With `encode_options.cache_dir`: returns a read-only memory map of `<cache_dir>/<key>.npy`, encoding it
+    first unless it exists. Under a multi-process `accelerate launch`, every process must call this with the
+    same texts; each encodes its shard and all return the whole array.
     """
     texts = list(texts)
-    max_length = max_seq_length or encoder.max_seq_length
-    prefix = encoder.resolve_prompt(None, prompt_name)
+    options = encode_options.resolved(encoder)
+    max_length = options.max_length(role, encoder)
+    prefix = encoder.resolve_prompt(None, options.prompt_name(role, encoder))
     path = None
-    if cache_dir is not None and texts:
-        path = Path(cache_dir) / f"{cache_key(encoder, texts, prefix, max_length, normalize, precision)}.npy"
+    if options.cache_dir is not None and texts:
+        key = cache_key(encoder, texts, prefix, max_length, normalize, options.precision)
+        path = Path(options.cache_dir) / f"{key}.npy"
         if path.exists():
             try:
                 cached = np.load(path, mmap_mode="r")
@@ -125,12 +98,12 @@ def encode_corpus(
             except (ValueError, OSError):  # a truncated or damaged cache file: encode again
                 pass
             logger.warning("the cached embeddings %s are damaged; encoding again", path)
+    per_chunk = dataclasses.replace(options, show_progress_bar=False)  # the chunks have the progress bar
 
     def compute(start: int, stop: int) -> np.ndarray:
-        return encoder.encode(texts[start:stop], batch_size=batch_size, prompt=prefix, normalize=normalize,
-                              max_seq_length=max_length, precision=precision)
+        return per_chunk.encode(encoder, texts[start:stop], role, normalize)
 
-    return computed_rows((len(texts), encoder.dim), compute, path, chunk_size, show_progress_bar, "encode")
+    return computed_rows((len(texts), encoder.dim), compute, path, chunk_size, options.show_progress_bar, "encode")
 
 
 def computed_rows(

@@ -4,7 +4,7 @@ that are not known positives, kept by a rank window and NV-Retriever's positive-
 1. Candidates are the corpus texts plus the positives missing from it (one anchor's positive can be
    another's negative). Identical texts count as one candidate.
 2. Corpus, extra positives and distinct anchors are encoded once through `encode_corpus` (normalized;
-   cached on disk with `cache_dir`, so a second run encodes nothing).
+   cached on disk with the `EncodeOptions`' `cache_dir`, so a second run encodes nothing).
 3. FAISS returns the top candidates of every distinct anchor (Flat: exact search; any index_factory
    string otherwise), deep enough to leave `range_max` candidates after the exclusions below.
 4. For each anchor: drop its known positives (the positive of every row with that anchor, texts identical
@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from textcl.errors import TextclError
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
-from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus, model_fingerprint
+from textcl.model.encode_options import EncodeOptions
+from textcl.model.text_encoder import TextEncoder
+from textcl.retrieval.corpus_embeddings import encode_corpus
 from textcl.retrieval.exact_search import exact_search
 from textcl.retrieval.faiss_index import build_faiss_index, set_search_params, take_rows
 
@@ -133,7 +133,7 @@ class Candidates:
 
 
 def mine_hard_negatives(
-    encoder: Encoder,
+    encoder: TextEncoder,
     anchors: Sequence[str],
     positives: Sequence[str],
     corpus: Sequence[str] = (),
@@ -147,20 +147,14 @@ def mine_hard_negatives(
     sampling: str = "top",
     factory: str = "Flat",
     search_params: str = "",
-    query_prompt_name: str | None = None,
-    document_prompt_name: str | None = None,
-    query_max_length: int | None = None,
-    document_max_length: int | None = None,
-    batch_size: int = ENCODE_BATCH_SIZE,
-    precision: str = "fp32",
-    cache_dir: str | Path | None = None,
     seed: int = 0,
-    show_progress_bar: bool = False,
+    encode_options: EncodeOptions = EncodeOptions(),
 ) -> MinedNegatives:
     """Mine `num_negatives` hard negatives for each pair (anchors[i], positives[i]); see the module docstring.
 
     `max_score_ratio` or `margin` None turns that test off; `min_negatives` (default `num_negatives`) is
-    the fewest negatives a kept row may have. Returns the output columns and `MiningStats`.
+    the fewest negatives a kept row may have. Anchors are encoded as queries, candidates as documents, with
+    `encode_options`. Returns the output columns and `MiningStats`.
     """
     check_options(num_negatives, range_min, range_max, max_score_ratio, sampling)
     if len(anchors) != len(positives) or not anchors:
@@ -172,14 +166,9 @@ def mine_hard_negatives(
     row_anchor = np.array([anchor_row[text] for text in anchors], dtype=np.int64)
     row_positive = np.array([candidates.first[text] for text in positives], dtype=np.int64)
 
-    options = dict(batch_size=batch_size, precision=precision, cache_dir=cache_dir,  # step 2
-                   show_progress_bar=show_progress_bar)
-    document_prompt = default_prompt_name(encoder, document_prompt_name, "document")
-    parts = [encode_corpus(encoder, part, prompt_name=document_prompt, max_seq_length=document_max_length, **options)
-             for part in (corpus, candidates.extra) if part]
-    query_prompt = default_prompt_name(encoder, query_prompt_name, "query")
-    anchor_embeddings = encode_corpus(encoder, distinct, prompt_name=query_prompt, max_seq_length=query_max_length,
-                                      **options)
+    options = encode_options.resolved(encoder)  # step 2
+    parts = [encode_corpus(encoder, part, "document", options) for part in (corpus, candidates.extra) if part]
+    anchor_embeddings = encode_corpus(encoder, distinct, "query", options)
     positive_scores = np.einsum("nd,nd->n", anchor_embeddings[row_anchor], take_rows(parts, row_positive))
     lowest = np.full(len(distinct), np.inf)
     np.minimum.at(lowest, row_anchor, positive_scores)
@@ -240,14 +229,13 @@ def mine_hard_negatives(
         known_positives_excluded=int(known_hit.sum()),
     )
     settings = {
-        "model_fingerprint": model_fingerprint(encoder), "num_negatives": num_negatives,
+        "model_fingerprint": encoder.fingerprint(), "num_negatives": num_negatives,
         "min_negatives": num_negatives if min_negatives is None else min_negatives, "range_min": range_min,
         "range_max": range_max, "max_score_ratio": max_score_ratio, "margin": margin, "sampling": sampling,
-        "seed": seed, "factory": factory, "search_params": search_params, "precision": precision,
-        "query_prompt": encoder.resolve_prompt(None, query_prompt),
-        "document_prompt": encoder.resolve_prompt(None, document_prompt),
-        "query_max_length": query_max_length or encoder.max_seq_length,
-        "document_max_length": document_max_length or encoder.max_seq_length,
+        "seed": seed, "factory": factory, "search_params": search_params, "precision": options.precision,
+        "query_prompt": encoder.resolve_prompt(None, options.query_prompt_name),
+        "document_prompt": encoder.resolve_prompt(None, options.document_prompt_name),
+        "query_max_length": options.query_max_length, "document_max_length": options.document_max_length,
         "corpus_texts": len(corpus), "pairs": len(anchors),
     }
     return MinedNegatives(columns, stats, settings)

@@ -29,10 +29,12 @@ from textcl.io.tables import (
     score_column,
     write_table,
 )
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
+from textcl.model.encode_options import EncodeOptions
+from textcl.model.encoder import Encoder, hash_weights
 from textcl.model.fit import check_vocabulary, fit_length
 from textcl.model.location import resolve_model_dir
-from textcl.retrieval.corpus_embeddings import computed_rows, default_prompt_name, encode_corpus, hash_weights
+from textcl.model.text_encoder import TextEncoder
+from textcl.retrieval.corpus_embeddings import computed_rows, encode_corpus
 from textcl.version import __version__
 
 
@@ -43,7 +45,7 @@ class Teacher:
 
     name: str
     kind: str
-    encoder: Encoder | None = None
+    encoder: TextEncoder | None = None
     cross_encoder: Any = None
 
 
@@ -84,44 +86,40 @@ def score_pairs(
     teacher: Teacher,
     queries: Sequence[str],
     documents: Sequence[str],
-    *,
-    batch_size: int = ENCODE_BATCH_SIZE,
-    precision: str = "fp32",
-    query_max_length: int | None = None,
-    cache_dir: str | Path | None = None,
-    show_progress_bar: bool = False,
+    encode_options: EncodeOptions = EncodeOptions(),
 ) -> np.ndarray:
-    """The teacher's score of each pair (queries[i], documents[i]) -> float32 `[n]`."""
+    """The teacher's score of each pair (queries[i], documents[i]) -> float32 `[n]`. A bi-encoder encodes the
+    queries and documents with `encode_options`; a cross-encoder takes its batch size, cache and progress bar."""
     if len(queries) != len(documents):
         raise TextclError(f"got {len(queries)} queries for {len(documents)} documents")
     if teacher.kind == "bi-encoder":
-        return cosine_scores(teacher.encoder, list(queries), list(documents), batch_size=batch_size,
-                             precision=precision, query_max_length=query_max_length, cache_dir=cache_dir,
-                             show_progress_bar=show_progress_bar)
+        return cosine_scores(teacher.encoder, list(queries), list(documents), encode_options)
     pairs = list(zip(queries, documents))
     path = None
-    if cache_dir is not None and pairs:
-        path = Path(cache_dir) / f"pairs-{pair_cache_key(teacher, pairs)}.npy"
+    if encode_options.cache_dir is not None and pairs:
+        path = Path(encode_options.cache_dir) / f"pairs-{pair_cache_key(teacher, pairs)}.npy"
         if path.exists():
             return np.asarray(np.load(path, mmap_mode="r")).reshape(-1)
 
     def compute(start: int, stop: int) -> np.ndarray:
-        logits = teacher.cross_encoder.predict(pairs[start:stop], batch_size=batch_size,
+        logits = teacher.cross_encoder.predict(pairs[start:stop], batch_size=encode_options.batch_size,
                                                activation_fn=torch.nn.Identity(), convert_to_numpy=True)
         return np.asarray(logits, dtype=np.float32).reshape(stop - start, 1)
 
-    scores = computed_rows((len(pairs), 1), compute, path, show_progress_bar=show_progress_bar, desc="score")
+    scores = computed_rows((len(pairs), 1), compute, path, show_progress_bar=encode_options.show_progress_bar,
+                           desc="score")
     return np.asarray(scores).reshape(-1)
 
 
 def score_table(
-    teacher: Teacher, anchors: Sequence[str], candidates: dict[str, Sequence[str]], **options: Any
+    teacher: Teacher, anchors: Sequence[str], candidates: dict[str, Sequence[str]],
+    encode_options: EncodeOptions = EncodeOptions(),
 ) -> dict[str, list[float | None]]:
     """`<column>_score` -> the teacher's score of (anchor, text) for every row of each candidate column
-    (None where the text is empty); `options` as in `score_pairs`."""
+    (None where the text is empty), as `score_pairs` scores them."""
     pairs = [(row, name) for name, texts in candidates.items() for row, text in enumerate(texts) if text.strip()]
     scores = score_pairs(teacher, [anchors[row] for row, _ in pairs], [candidates[name][row] for row, name in pairs],
-                         **options)
+                         encode_options)
     out: dict[str, list[float | None]] = {score_column(name): [None] * len(anchors) for name in candidates}
     for (row, name), score in zip(pairs, scores.tolist()):
         out[score_column(name)][row] = score
@@ -138,11 +136,11 @@ def score_file(
     positive_column: str = "positive",
     negative_columns: Sequence[str] | None = None,
     provenance: dict[str, Any] | None = None,
-    **options: Any,
+    encode_options: EncodeOptions = EncodeOptions(),
 ) -> int:
     """Copy the table `data` to `out` with the teacher's `<column>_score` for the positive and every negative
     column (default: every column named negative*), replacing older scores; the sidecar records the teacher on
-    top of `provenance` (e.g. how the table was mined). `options` as in `score_pairs`. Returns the row count."""
+    top of `provenance` (e.g. how the table was mined). Scored as `score_pairs` scores. Returns the row count."""
     check_output(out)
     rows = read_records(data, "data", split)
     names = list(rows[0])
@@ -150,23 +148,22 @@ def score_file(
     table = {name: [row.get(name) for row in rows] for name in names}
     anchors = column(rows, anchor_column, data, "--anchor_column")
     texts = {name: column(rows, name, data, "--positive_column / --negative_columns") for name in candidates}
-    table |= score_table(teacher, anchors, texts, **options)
+    table |= score_table(teacher, anchors, texts, encode_options)
     scores = {"model": teacher.name, "kind": teacher.kind, "columns": [score_column(name) for name in candidates],
-              "precision": options.get("precision", "fp32"), "query_max_length": options.get("query_max_length")}
+              "precision": encode_options.precision, "query_max_length": encode_options.query_max_length}
     record = (provenance or read_provenance(data) or {"data": str(data)}) | {"textcl_version": __version__,
                                                                              "scores": scores}
     write_table(table, out, provenance=record)
     return len(rows)
 
 
-def cosine_scores(encoder: Encoder, queries: list[str], documents: list[str], **options: Any) -> np.ndarray:
+def cosine_scores(
+    encoder: TextEncoder, queries: list[str], documents: list[str], encode_options: EncodeOptions
+) -> np.ndarray:
     """Cosine of each (query, document) pair; every distinct text is encoded once (and cached)."""
-    query_max_length = options.pop("query_max_length")
     distinct_queries, distinct_documents = list(dict.fromkeys(queries)), list(dict.fromkeys(documents))
-    q = encode_corpus(encoder, distinct_queries, prompt_name=default_prompt_name(encoder, None, "query"),
-                      max_seq_length=query_max_length, **options)
-    d = encode_corpus(encoder, distinct_documents, prompt_name=default_prompt_name(encoder, None, "document"),
-                      **options)
+    q = encode_corpus(encoder, distinct_queries, "query", encode_options)
+    d = encode_corpus(encoder, distinct_documents, "document", encode_options)
     q_row = {text: i for i, text in enumerate(distinct_queries)}
     d_row = {text: i for i, text in enumerate(distinct_documents)}
     q_index = np.array([q_row[text] for text in queries], dtype=np.int64)

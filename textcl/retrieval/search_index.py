@@ -2,9 +2,10 @@
 
 Folder layout (ARCHITECTURE.md, "Search index folder"): `index.faiss`, `ids.jsonl` (one {"id", "text"} a line,
 in index order) and `meta.json` (model path, dimension, metric, index factory, normalize, prompts, max
-length, search parameters). Scores are inner products; with normalize (the default) they are cosines.
-A quantized index (`quantize="int8"` or `"binary"`, `textcl.retrieval.quantization`) records its scheme and
-rescore factor in meta.json, and keeps `float_embeddings.npy` (memory-mapped on load) when it rescores.
+lengths, precision, search parameters: the index's `EncodeOptions` are read back from it). Scores are inner
+products; with normalize (the default) they are cosines. A quantized index (`quantize="int8"` or `"binary"`,
+`textcl.retrieval.quantization`) records its scheme and rescore factor in meta.json, and keeps
+`float_embeddings.npy` (memory-mapped on load) when it rescores.
 A hybrid index (`hybrid=True`) adds a BM25 index of the same documents (`textcl.retrieval.lexical`, its files
 `bm25_*`), records its settings ("lexical") and how the two rankings are fused ("fusion",
 `textcl.retrieval.fusion`) in meta.json, and searches with both by default.
@@ -12,6 +13,7 @@ A hybrid index (`hybrid=True`) adds a BM25 index of the same documents (`textcl.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,8 +25,11 @@ import numpy as np
 import torch
 
 from textcl.errors import TextclError
-from textcl.model.encoder import ENCODE_BATCH_SIZE, Encoder
-from textcl.retrieval.corpus_embeddings import default_prompt_name, encode_corpus
+from textcl.model.encode_options import EncodeOptions, Role
+from textcl.model.encoder import Encoder
+from textcl.model.text_encoder import TextEncoder
+from textcl.model.text_inputs import ENCODE_BATCH_SIZE
+from textcl.retrieval.corpus_embeddings import encode_corpus
 from textcl.retrieval.faiss_index import build_faiss_index, set_search_params
 from textcl.retrieval.fusion import FusionSettings, fuse
 from textcl.retrieval.index_folder import (
@@ -85,7 +90,7 @@ class SearchIndex:
 
     index: faiss.Index
     meta: dict[str, Any]
-    encoder: Encoder | None = field(default=None, repr=False)
+    encoder: TextEncoder | None = field(default=None, repr=False)
     id_lookup: np.ndarray = field(default_factory=lambda: with_sentinel([]), repr=False)
     text_lookup: np.ndarray = field(default_factory=lambda: with_sentinel([]), repr=False)
     float_vectors: np.ndarray | None = field(default=None, repr=False)  # `[n, dim]`, kept to rescore
@@ -104,53 +109,49 @@ class SearchIndex:
     @classmethod
     def build(
         cls,
-        encoder: Encoder,
+        encoder: TextEncoder,
         texts: Sequence[str],
         ids: Sequence[str] | None = None,
         factory: str = "Flat",
         *,
         model_path: str | Path | None = None,
-        query_prompt_name: str | None = None,
-        document_prompt_name: str | None = None,
-        max_seq_length: int | None = None,
-        query_max_length: int | None = None,
         normalize: bool = True,
         search_params: str = "",
-        batch_size: int = ENCODE_BATCH_SIZE,
-        precision: str = "fp32",
-        cache_dir: str | Path | None = None,
-        show_progress_bar: bool = False,
         quantize: str | None = None,
         rescore: int = 0,
         hybrid: bool = False,
         fusion: FusionSettings | None = None,
         lexical: LexicalSettings | None = None,
+        encode_options: EncodeOptions = EncodeOptions(),
     ) -> SearchIndex:
         """Encode `texts` (ids default to "0", "1", ...) and index them with `faiss.index_factory(factory)`.
 
         `model_path` is written to meta.json so `load` can rebuild the encoder (default: the path the
-        transformers model was loaded from). Prompts default to the model's "query"/"document" prompts;
-        `max_seq_length` truncates documents, `query_max_length` (default: the same) queries.
-        `quantize` "int8" or "binary" stores quantized vectors instead of `factory`'s index; `rescore` K >= 1 then
-        rescores K*k candidates with the float vectors (`textcl.retrieval.quantization`).
+        transformers model was loaded from). `encode_options` encode the documents now and, as meta.json records
+        them (prompt names and max lengths resolved: the model's "query"/"document" prompts and its
+        max_seq_length by default; precision), every later query and added document; its batch size, cache
+        and progress bar apply to this build only. `quantize` "int8" or "binary" stores quantized vectors
+        instead of `factory`'s index; `rescore` K >= 1 then rescores K*k candidates with the float vectors
+        (`textcl.retrieval.quantization`).
         `hybrid` also builds a BM25 index (`lexical` settings) searched with the dense one and fused as `fusion`
         says (default: reciprocal rank fusion).
         """
         texts = list(texts)
         if not texts:
             raise TextclError("cannot build a search index from an empty corpus")
+        options = encode_options.resolved(encoder)
         meta = {
             "model": str(model_path or encoder.name_or_path),
             "dim": encoder.dim,
             "metric": "cosine" if normalize else "dot",
             "factory": factory,
             "normalize": normalize,
-            "query_prompt_name": default_prompt_name(encoder, query_prompt_name, "query"),
-            "document_prompt_name": default_prompt_name(encoder, document_prompt_name, "document"),
-            "max_seq_length": max_seq_length or encoder.max_seq_length,
-            "query_max_length": query_max_length or max_seq_length or encoder.max_seq_length,
+            "query_prompt_name": options.query_prompt_name,
+            "document_prompt_name": options.document_prompt_name,
+            "max_seq_length": options.document_max_length,
+            "query_max_length": options.query_max_length,
             "search_params": search_params,
-            "precision": precision,
+            "precision": options.precision,
             "backend": encoder.backend,
         }
         if encoder.backend == "onnx":
@@ -165,7 +166,7 @@ class SearchIndex:
                      "fusion": (fusion or FusionSettings()).as_dict()}
         ids = [str(i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
         check_ids(ids, texts)
-        embeddings = cls.encode_docs(encoder, meta, texts, batch_size, cache_dir, show_progress_bar)
+        embeddings = encode_corpus(encoder, texts, "document", options, normalize=normalize)
         check_finite(embeddings, "documents", ids)
         index = build_quantized_index([embeddings], quantize) if quantize else build_faiss_index([embeddings], factory)
         set_search_params(index, search_params)
@@ -174,16 +175,21 @@ class SearchIndex:
         self.append(ids, texts)
         return self
 
-    @staticmethod
-    def encode_docs(
-        encoder: Encoder, meta: dict[str, Any], texts: list[str], batch_size: int, cache_dir: Any, progress: bool
-    ) -> np.ndarray:
-        return encode_corpus(
-            encoder, texts, batch_size=batch_size, prompt_name=meta["document_prompt_name"],
-            max_seq_length=meta["max_seq_length"], normalize=meta["normalize"], precision=meta["precision"],
-            cache_dir=cache_dir,
-            show_progress_bar=progress,
-        )
+    @property
+    def encode_options(self) -> EncodeOptions:
+        """How this index encodes queries and documents, as meta.json records it (prompts, max lengths,
+        precision)."""
+        meta = self.meta
+        return EncodeOptions(query_prompt_name=meta["query_prompt_name"],
+                             document_prompt_name=meta["document_prompt_name"],
+                             query_max_length=meta["query_max_length"], document_max_length=meta["max_seq_length"],
+                             precision=meta["precision"])
+
+    def encode(self, texts: Sequence[str], role: Role = "query", batch_size: int = ENCODE_BATCH_SIZE) -> np.ndarray:
+        """Embeddings `[n, dim]` of `texts` encoded as this index encodes its queries or documents (`role`),
+        `batch_size` texts per forward."""
+        options = dataclasses.replace(self.encode_options, batch_size=batch_size)
+        return options.encode(self.require_encoder(), texts, role, normalize=self.meta["normalize"])
 
     def append(self, ids: list[str], texts: list[str]) -> None:
         """Record the ids and texts of vectors added to the index, in order."""
@@ -196,7 +202,7 @@ class SearchIndex:
         start = len(self.ids)
         ids = [str(start + i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
         check_ids(ids, texts, self.ids.tolist())
-        embeddings = self.encode_docs(self.require_encoder(), self.meta, texts, batch_size, None, False)
+        embeddings = self.encode(texts, "document", batch_size)
         check_finite(embeddings, "documents", ids)
         self.add_vectors(ids, texts, embeddings)
 
@@ -209,7 +215,7 @@ class SearchIndex:
 
     @classmethod
     def load(
-        cls, path: str | Path, encoder: Encoder | None = None, device: str | torch.device | None = None,
+        cls, path: str | Path, encoder: TextEncoder | None = None, device: str | torch.device | None = None,
         backend: str | None = None, onnx_file: str | None = None,
     ) -> SearchIndex:
         """Read a saved index (verified: a damaged file is one line naming it); the encoder defaults to the model
@@ -239,21 +245,21 @@ class SearchIndex:
         self.append(ids, texts)
         return self
 
-    def require_encoder(self) -> Encoder:
+    def require_encoder(self) -> TextEncoder:
         if self.encoder is None:
             raise TextclError("this SearchIndex has no encoder; pass one to SearchIndex.load")
         return self.encoder
 
     def search(
-        self, queries: str | Sequence[str], k: int = 10, batch_size: int = ENCODE_BATCH_SIZE, rescore: int | None = None,
-        mode: str | None = None,
+        self, queries: str | Sequence[str], k: int = 10, batch_size: int = ENCODE_BATCH_SIZE,
+        rescore: int | None = None, mode: str | None = None,
     ) -> Hits:
         """Encode `queries` (with the index's query prompt) and return their top `k` documents. `mode`: "dense",
         "bm25" or "hybrid" (default: "hybrid" for an index built with `hybrid=True`, else "dense")."""
         queries = [queries] if isinstance(queries, str) else list(queries)
         check_queries(queries)
         mode = self.search_mode(mode)
-        vectors = None if mode == "bm25" else self.encode_queries(queries, batch_size)
+        vectors = None if mode == "bm25" else self.encode(queries, "query", batch_size)
         if vectors is not None:
             check_finite(vectors, "queries")
         return self.search_encoded(queries, vectors, k, rescore, mode)
@@ -330,18 +336,10 @@ class SearchIndex:
             return quantized_search(self.index, self.meta["quantize"], vectors, k, rescore, self.float_vectors)
         return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
 
-    # What `textcl.serving` needs: query vectors without the search, pre-encoded adds, and removal by id.
-    def encode_queries(self, queries: Sequence[str], batch_size: int = ENCODE_BATCH_SIZE) -> np.ndarray:
-        """Query embeddings `[n_queries, dim]`, encoded as `search` encodes them (the index's query prompt,
-        truncation, normalization and precision)."""
-        return self.require_encoder().encode(
-            list(queries), batch_size=batch_size, prompt_name=self.meta["query_prompt_name"],
-            normalize=self.meta["normalize"], max_seq_length=self.meta["query_max_length"],
-            precision=self.meta["precision"],
-        )
-
+    # What `textcl.serving` needs besides `encode`: pre-encoded adds, and removal by id.
     def add_vectors(self, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> None:
-        """Append documents already encoded with `encode_docs` (`vectors` `[n, dim]`); ids must be new."""
+        """Append documents already encoded with `encode(texts, "document")` (`vectors` `[n, dim]`); ids must be
+        new."""
         ids, texts = [str(i) for i in ids], list(texts)
         check_ids(ids, texts, self.ids.tolist())
         if vectors.shape != (len(ids), self.meta["dim"]):

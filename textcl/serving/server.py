@@ -14,6 +14,7 @@ import torch
 
 from textcl.errors import TextclError
 from textcl.io.corpus import read_corpus
+from textcl.model.encode_options import EncodeOptions
 from textcl.model.encoder import Encoder
 from textcl.retrieval.search_index import SearchIndex
 from textcl.serving.app import create_app
@@ -88,7 +89,8 @@ def open_index(
     encoder = Encoder.load(path, device=device, backend=backend or "torch", onnx_file=onnx_file)
     model = Path(path).resolve() if Path(path).exists() else path
     print(f"textcl serve: indexing {len(texts)} documents of {corpus}", file=sys.stderr, flush=True)
-    SearchIndex.build(encoder, texts, ids, model_path=model, show_progress_bar=True).save(out)
+    options = EncodeOptions(show_progress_bar=True)
+    SearchIndex.build(encoder, texts, ids, model_path=model, encode_options=options).save(out)
     return DurableIndex.open(out, encoder=encoder, snapshot_every=snapshot_every)
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from textcl.model.encoder import ENCODE_BATCH_SIZE
+from textcl.model.text_inputs import ENCODE_BATCH_SIZE
 from textcl.retrieval.search_index import Hits, SearchIndex
 from textcl.serving.batcher import MicroBatcher
 from textcl.serving.store import DurableIndex
@@ -127,10 +127,8 @@ class SearchService:
         return len(self.index.ids)
 
     def encode(self, texts: list[str], side: Side, batch_size: int = ENCODE_BATCH_SIZE) -> np.ndarray:
-        """`[n, dim]` embeddings with the index's settings for `side`, `batch_size` texts per forward."""
-        if side == "query":
-            return self.index.encode_queries(texts, batch_size)
-        return SearchIndex.encode_docs(self.index.require_encoder(), self.index.meta, texts, batch_size, None, False)
+        """`[n, dim]` embeddings with the index's `EncodeOptions` for `side`, `batch_size` texts per forward."""
+        return self.index.encode(texts, side, batch_size)
 
     def run_batch(self, jobs: list[EncodeJob]) -> list[np.ndarray | Hits]:
         """The jobs' texts of each side encoded together, in length-sorted forwards of at most `forward_texts` (on

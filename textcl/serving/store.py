@@ -42,7 +42,7 @@ import torch
 from textcl.errors import TextclError
 from textcl.io.atomic import SPACE_ERRNOS, fsync_dir, write_text_atomically
 from textcl.io.targets import SERVER_LOCK
-from textcl.model.encoder import Encoder
+from textcl.model.text_encoder import TextEncoder
 from textcl.retrieval.search_index import SearchIndex
 
 LOG_NAME = "serve-log.jsonl"
@@ -152,7 +152,7 @@ def log_header(root: Path) -> dict[str, str]:
 
 
 def load_index(
-    root: Path, encoder: Encoder | None, device: str | torch.device | None, backend: str | None = None,
+    root: Path, encoder: TextEncoder | None, device: str | torch.device | None, backend: str | None = None,
     onnx_file: str | None = None,
 ) -> SearchIndex:
     """`SearchIndex.load`, with a damaged folder reported as one line."""
@@ -183,7 +183,7 @@ class DurableIndex:
 
     @classmethod
     def open(
-        cls, root: str | Path, encoder: Encoder | None = None, device: str | torch.device | None = None,
+        cls, root: str | Path, encoder: TextEncoder | None = None, device: str | torch.device | None = None,
         snapshot_every: int = 1000, backend: str | None = None, onnx_file: str | None = None,
     ) -> DurableIndex:
         """Load the index in `root` (finishing an interrupted snapshot) and replay its log; without `encoder`,
@@ -199,7 +199,7 @@ class DurableIndex:
 
     @classmethod
     def replay(
-        cls, root: Path, lock: int | None, encoder: Encoder | None, device: str | torch.device | None,
+        cls, root: Path, lock: int | None, encoder: TextEncoder | None, device: str | torch.device | None,
         snapshot_every: int, backend: str | None, onnx_file: str | None,
     ) -> DurableIndex:
         """`open` once the server lock is held: finish a snapshot, load the index, replay the log."""

@@ -2,8 +2,9 @@
 
 Every N optimizer steps the corpus is encoded with the model being trained and every training row gets new
 hard negatives from `textcl.retrieval.mining.mine_hard_negatives`, the function behind `textcl mine`, with
-the settings the mined file's sidecar records (rank window, positive-aware threshold, sampling, lengths) or,
-for a BEIR folder, its defaults; `num_negatives` of the run wins, and no row is dropped (`min_negatives` 0:
+the settings the mined file's sidecar records (rank window, positive-aware threshold, sampling; its lengths as
+the `EncodeOptions`) or, for a BEIR folder, its defaults; `num_negatives` of the run wins, the run's
+`query_max_length`/`document_max_length` fill lengths the sidecar lacks, and no row is dropped (`min_negatives` 0:
 a row with fewer candidates keeps empty slots). Encoding is sharded across processes (`computed_rows`); each
 process then searches the whole corpus alike, so every process holds the same negatives.
 
@@ -15,6 +16,7 @@ trains on the negatives its interrupted run had.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,22 +29,26 @@ from textcl.errors import TextclError
 from textcl.io.corpus import read_corpus
 from textcl.io.pairs import read_pairs
 from textcl.io.tables import provenance_path
-from textcl.model.encoder import Encoder
+from textcl.model.encode_options import EncodeOptions
+from textcl.model.text_encoder import TextEncoder
 from textcl.retrieval.mining import mine_hard_negatives
 from textcl.retrieval.mining_record import MiningRecord
 
-# The mining settings a sidecar records that `mine_hard_negatives` takes again.
+# The mining settings a sidecar records that `mine_hard_negatives` takes again, and those it encodes with.
 MINING_SETTINGS = ("num_negatives", "range_min", "range_max", "max_score_ratio", "margin", "sampling", "factory",
-                   "search_params", "seed", "query_max_length", "document_max_length")
+                   "search_params", "seed")
+LENGTH_SETTINGS = ("query_max_length", "document_max_length")
 DEFAULT_NUM_NEGATIVES = 1  # a BEIR folder without a num_negatives setting: one negative a row, as retrieval-hardneg
 
 
 @dataclass
 class RemineSource:
-    """What re-mining needs besides the model: the corpus to search and the settings to mine with."""
+    """What re-mining needs besides the model: the corpus to search, the settings to mine with, and the
+    max lengths to encode with (the precision is the run's)."""
 
     corpus: list[str]
     settings: dict[str, Any]
+    encode_options: EncodeOptions = EncodeOptions()
 
 
 def remine_source(data: DataArguments) -> RemineSource:
@@ -50,6 +56,7 @@ def remine_source(data: DataArguments) -> RemineSource:
     defaults) or a table written by `textcl mine` (the data, corpus and settings its sidecar records)."""
     source = data.train_data[0]
     settings: dict[str, Any] = {}
+    lengths: dict[str, int] = {}
     if Path(source).is_dir():
         corpus = read_pairs(source, data.train_split)[2]
     else:
@@ -63,13 +70,14 @@ def remine_source(data: DataArguments) -> RemineSource:
             _, positives, corpus = read_pairs(record.data, record.split or "train")
             corpus = corpus or list(dict.fromkeys(positives))
         settings = {key: record.settings[key] for key in MINING_SETTINGS if key in record.settings}
+        lengths = {key: record.settings[key] for key in LENGTH_SETTINGS if record.settings.get(key)}
     if data.num_negatives is not None:
         settings["num_negatives"] = data.num_negatives
     settings.setdefault("num_negatives", DEFAULT_NUM_NEGATIVES)
-    for key in ("query_max_length", "document_max_length"):
-        if getattr(data, key) and key not in settings:
-            settings[key] = getattr(data, key)
-    return RemineSource(corpus, settings)
+    for key in LENGTH_SETTINGS:
+        if getattr(data, key) and key not in lengths:
+            lengths[key] = getattr(data, key)
+    return RemineSource(corpus, settings, EncodeOptions(**lengths))
 
 
 @dataclass
@@ -98,13 +106,14 @@ class Remining:
         for batch in batches:
             yield self.collator.add_negatives(batch, [self.negatives[key] for key in batch["row_keys"]])
 
-    def remine(self, encoder: Encoder) -> dict[str, Any]:
+    def remine(self, encoder: TextEncoder) -> dict[str, Any]:
         """Mine every row's negatives with `encoder` (on every process); returns what to log: how many rows and
         negatives there are now, how many negatives are not among their row's previous ones, and the seconds."""
         started = time.perf_counter()
         anchors, positives = [a for a, _ in self.pairs], [p for _, p in self.pairs]
+        options = dataclasses.replace(self.source.encode_options, precision=self.precision)
         mined = mine_hard_negatives(encoder, anchors, positives, self.source.corpus, min_negatives=0,
-                                    precision=self.precision, **self.source.settings)
+                                    encode_options=options, **self.source.settings)
         columns = mined.columns
         names = [f"negative_{j + 1}" for j in range(self.num_negatives)]
         fresh = {(a, p): [text for text in row if text] for a, p, *row in

@@ -36,6 +36,7 @@ from textcl.errors import TextclError
 from textcl.io.atomic import exclusive_lock, write_folder, write_text_atomically
 from textcl.io.pairs import read_pairs
 from textcl.io.tables import write_table
+from textcl.model.encode_options import EncodeOptions
 from textcl.model.encoder import Encoder
 from textcl.retrieval.corpus_embeddings import default_cache_dir
 from textcl.retrieval.mining import mine_hard_negatives
@@ -45,9 +46,14 @@ from textcl.version import __version__
 
 MINED_FILE = "mined.jsonl"
 RECORD_FILE = "rounds.json"
-NOT_OPTIONS = ("encoder", "anchors", "positives", "corpus", "cache_dir", "show_progress_bar", "precision")
-MINING_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(mine_hard_negatives).parameters.items()
+NOT_OPTIONS = ("encoder", "anchors", "positives", "corpus", "encode_options", "cache_dir", "show_progress_bar",
+               "precision")
+# `textcl mine`'s settings: those of `mine_hard_negatives` and of its `EncodeOptions` (prompt names, lengths, batch)
+ENCODE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(EncodeOptions).parameters.items()
                    if name not in NOT_OPTIONS}
+MINING_DEFAULTS = {name: parameter.default
+                   for name, parameter in inspect.signature(mine_hard_negatives).parameters.items()
+                   if name not in NOT_OPTIONS} | ENCODE_DEFAULTS
 
 
 def mining_settings(config: TrainConfig, number: int) -> dict[str, Any]:
@@ -92,8 +98,10 @@ def mine_round(config: TrainConfig, model: str, folder: Path, settings: dict[str
     anchors, positives, corpus = read_pairs(data.train_data[0], data.train_split, data.anchor_column,
                                             data.positive_column or "positive")
     encoder = Encoder.load(model, max_seq_length=config.model.max_seq_length)
-    mined = mine_hard_negatives(encoder, anchors, positives, corpus, cache_dir=default_cache_dir(),
-                                show_progress_bar=True, **settings)
+    encoding = {key: value for key, value in settings.items() if key in ENCODE_DEFAULTS}
+    options = EncodeOptions(cache_dir=default_cache_dir(), show_progress_bar=True, **encoding)
+    mined = mine_hard_negatives(encoder, anchors, positives, corpus, encode_options=options,
+                                **{key: value for key, value in settings.items() if key not in ENCODE_DEFAULTS})
     print(f"textcl: round {number}: mined with {model}\n{mined.stats.summary()}")
     provenance = {"textcl_version": __version__, "command": "mine", "model": model, "data": str(data.train_data[0]),
                   "split": data.train_split, "corpus": None, "settings": mined.settings,

@@ -19,7 +19,7 @@ from textcl.losses.matryoshka import MatryoshkaLoss
 from textcl.losses.queue import MomentumEncoder
 from textcl.model.decoder import append_eos_token, make_bidirectional
 from textcl.model.encoder import Encoder
-from textcl.model.lora import add_lora, is_adapter
+from textcl.model.lora import is_adapter
 
 # Backbones with more parameters than this train a LoRA adapter unless the recipe sets `lora` (decoder LLMs:
 # full fine-tuning a 1.5B model in AdamW takes ~24 GB of weights, gradients and moments before activations).
@@ -66,8 +66,8 @@ def build_encoder(args: ModelArguments) -> Encoder:
     if isinstance(pooler, nn.Module):
         pooler.requires_grad_(False)  # unused by pooling; trainable it would leave DDP waiting for its gradient
     if args.lora:
-        add_lora(encoder, args.model_name_or_path, args.lora_r, args.lora_alpha, args.lora_dropout,
-                 args.lora_target_modules)  # after set_dropout, which would otherwise also reset lora_dropout
+        encoder.add_lora(args.model_name_or_path, args.lora_r, args.lora_alpha, args.lora_dropout,
+                         args.lora_target_modules)  # after set_dropout, which would otherwise also reset lora_dropout
     # The transformer's layer classes, which accelerate's FSDP shards one by one (fsdp_auto_wrap_policy:
     # TRANSFORMER_BASED_WRAP reads them from the wrapped model, here the Encoder).
     base = encoder.model.get_base_model() if is_adapter(encoder.model) else encoder.model

@@ -36,7 +36,7 @@ from textcl.hub.push import require_token
 from textcl.io.atomic import check_free_space, exclusive_lock
 from textcl.model.device import default_device
 from textcl.model.encoder import Encoder
-from textcl.model.lora import is_adapter, merged
+from textcl.model.lora import is_adapter
 from textcl.model.precision import resolve_precision
 from textcl.training.actions import Action, best_model_rule, default_actions, evaluators_for
 from textcl.training.checkpoint import TrainingPosition, load_checkpoint, resolve_resume, save_checkpoint
@@ -345,7 +345,7 @@ class Trainer:
         adapter merged into full weights. Every process calls it: sharded weights are gathered first."""
         encoder = full_encoder(self.accelerator, self.model, self.rebuild)
         if encoder is not None and self.plan.output.lora_merge:
-            encoder = merged(encoder)
+            encoder = encoder.merged()
         return encoder
 
     def saved_evaluation(self, metrics: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
