@@ -85,7 +85,11 @@ def test_demo_runs_end_to_end_on_a_tiny_model(
     monkeypatch.setattr("textcl.demo.run.demo_rows", lambda: rows)
     results = run(str(tiny_model_dir), str(tmp_path / "model"))
     printed = capsys.readouterr().out
-    assert "mrr@10" in printed and "random-pair cosine" in printed and "estimated training time:" in printed
+    assert "mrr@10" in printed and "random-pair cosine" in printed and "estimated time:" in printed
+    assert "min of evaluations" in printed and "no evaluation" not in printed  # the lines agree with each other
+    ndcg = [line.split() for line in printed.splitlines() if line.startswith(("ndcg@10", "  retrieval.ndcg@10"))]
+    assert ndcg[0][1] == ndcg[1][-2] and ndcg[0][5] == ndcg[1][-1]  # the run's summary is the table's evaluation
+    assert "min in all" in printed and "peak memory" in printed
     assert "= 2 steps of batch" in printed and "textcl: training in" in printed
     assert (tmp_path / "model" / "modules.json").exists()
     assert results["before"]["task"]["n_queries"] == results["after"]["task"]["n_queries"] == HELD_OUT

@@ -128,17 +128,16 @@ def test_a_batch_larger_than_the_data_stops_before_training(tiny_model_dir: Path
     (error,) = error_lines(capsys)
     assert "batch of 64 rows" in error and "larger than the 40 training rows" in error, error
     out = tmp_path / "out"
-    assert not out.exists() or [p.name for p in out.iterdir()] == [".textcl.lock"]  # the run's lock, nothing else
+    assert not out.exists()  # the failed run left nothing, not even its lock
 
 
-def test_identical_rows_are_warned_about(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_identical_rows_stop_the_run_naming_the_repeats(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "same.tsv"
     data.write_text("anchor\tpositive\n" + "the cat sat\ton the mat\n" * 40)
     recipe = write_recipe(tmp_path, tiny_model_dir, data, max_steps=3)
-    assert main(["train", str(recipe)]) == 0
-    err = capsys.readouterr().err
-    assert "textcl: warning: batches hold 1.0 rows on average instead of 8" in err, err
-    assert "textcl: warning: the loss is 0" in err, err
+    assert main(["train", str(recipe)]) == 2  # one-row batches (loss 0, nothing learned) are never made
+    (error,) = error_lines(capsys)
+    assert "no batch of 2 rows" in error and "39 rows repeat another row's positive (1 distinct positives" in error
 
 
 def test_training_warnings_on_a_zero_loss() -> None:

@@ -35,6 +35,12 @@ def execute(name: str, parameters: dict, cwd: Path) -> list[dict]:
     return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
 
 
+def library_noise(outputs: list[dict]) -> list[str]:
+    """Lines of the libraries' progress bars and logs in the cells' stderr (the notebooks switch them off)."""
+    stderr = "".join(output.get("text", "") for output in outputs if output.get("name") == "stderr")
+    return [line for line in re.split(r"[\r\n]", stderr) if re.match(r"(Map|Filter|Generating|Loading|Writing)", line)]
+
+
 def text_of(outputs: list[dict]) -> str:
     return "".join(output.get("text", "") + output.get("data", {}).get("text/plain", "") for output in outputs)
 
@@ -51,6 +57,7 @@ def test_quickstart_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
     parameters = {"MODEL": str(tiny_model_dir), "MAX_STEPS": 4, "BATCH_SIZE": 16, "MAX_SEQ_LENGTH": 24,
                   "OUTPUT_DIR": str(tmp_path / "model")}
     outputs = execute("quickstart.ipynb", parameters, tmp_path)
+    assert not library_noise(outputs), library_noise(outputs)[:5]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(images) == 3  # loss curve, similarity histograms, alignment/uniformity
     text = text_of(outputs)
@@ -73,7 +80,9 @@ def test_retrieval_finetune_runs_offline_on_a_local_beir_folder(tiny_model_dir: 
     parameters = {"DATA": str(small_beir(tmp_path / "beir")), "MODEL": str(tiny_model_dir), "NUM_NEGATIVES": 2,
                   "RANGE_MIN": 0, "RANGE_MAX": 8, "MAX_SCORE_RATIO": None, "MAX_STEPS": 3, "BATCH_SIZE": 8,
                   "MAX_SEQ_LENGTH": 24, "LEARNING_RATE": 1e-3, "LORA": True, "OUTPUT_DIR": str(tmp_path / "model")}
-    text = text_of(execute("retrieval_finetune.ipynb", parameters, tmp_path))
+    outputs = execute("retrieval_finetune.ipynb", parameters, tmp_path)
+    assert not library_noise(outputs), library_noise(outputs)[:5]
+    text = text_of(outputs)
     assert "10 queries, 40 documents" in text and "kept " in text and "ndcg@10" in text
     card = (tmp_path / "model" / "README.md").read_text()
     assert "NV-Retriever" in card and "LoRA" in card and (tmp_path / "model" / "adapter_config.json").is_file()

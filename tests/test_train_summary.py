@@ -78,7 +78,7 @@ def test_json_flag_prints_the_metrics(tiny_model_dir: Path, data: dict[str, Path
     out = capsys.readouterr().out
     dump = json.loads(out[out.index("{"):])
     assert dump["train"]["train_runtime"] > 0
-    assert "no evaluation (set eval_sts or eval_beir" in out  # without eval sets, no step-0 evaluation either
+    assert "no evaluation: set eval_split" in out  # without eval sets, no step-0 evaluation either
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 1
 

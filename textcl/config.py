@@ -7,6 +7,7 @@ command-line parser; the recipe's values become its defaults, so the command lin
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import logging
@@ -92,6 +93,10 @@ class DataArguments:
         metadata={"help": "One or more sources, concatenated: .txt files (one text a line: dropout positives), "
                   "csv/tsv/jsonl/parquet files, BEIR folders, or Hub dataset ids (required)."},
     )
+    delimiter: str | None = field(
+        default=None, metadata={"help": "Field separator of csv/tsv train_data files: , or tab (default: by the "
+                                "extension, , for .csv and tab for .tsv)."}
+    )
     train_split: str = field(default="train", metadata={"help": "Split of a Hub dataset or BEIR qrels file."})
     anchor_column: str = field(default="anchor", metadata={"help": "Column of the anchors (queries)."})
     positive_column: str | None = field(default="positive", metadata={"help": "Empty: dropout positives."})
@@ -125,6 +130,12 @@ class DataArguments:
     batch_per_source: bool = field(
         default=False, metadata={"help": "Draw every batch from one train_data source (negatives from the same "
                                  "task), sources in proportion to their size."}
+    )
+    eval_split: float | None = field(
+        default=None, metadata={"help": "Hold out this share (0 < x < 1) or this many rows (>= 1) of the train_data "
+                                "pairs, chosen by seed, and evaluate retrieval on them at step 0 and at the end: each "
+                                "held-out anchor searches all held-out positives and negatives. No held-out text is "
+                                "trained on (rows sharing one are left out). Reported as heldout.*."}
     )
     eval_sts: list[str] = field(default_factory=list, metadata={"help": "STS files (sentence1, sentence2, score)."})
     eval_beir: str | None = field(default=None, metadata={"help": "A BEIR folder to evaluate retrieval on."})
@@ -332,13 +343,25 @@ def parse_config(recipe: dict[str, Any], overrides: list[str]) -> TrainConfig:
     for key in recipe:
         if key not in FIELDS:
             raise TextclError(f"unknown recipe key {key!r}{closest(key)}")
-    parser = HfArgumentParser(PARTS, allow_abbrev=False)
-    parser.set_defaults(**{key: stringify(as_list(key, value)) for key, value in recipe.items()})
-    *parts, remaining = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
+    overrides, emptied = emptied_lists(overrides)
+    parser = HfArgumentParser(PARTS, allow_abbrev=False, exit_on_error=False)
+    parser.set_defaults(**{key: stringify(as_list(key, value)) for key, value in recipe.items() if key not in emptied})
+    parser.set_defaults(**{key: [] for key in emptied})
+    try:
+        *parts, remaining = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
+    except argparse.ArgumentError as error:
+        name = (error.argument_name or "").split("/")[0]
+        empty = f"; pass {name} none for an empty list" if name else ""
+        raise TextclError(f"{error}{empty if 'expected' in str(error) else ''}") from None
     if remaining:
         flag = next((item for item in remaining if item.startswith("--")), remaining[0])
         raise TextclError(f"unknown option {flag!r}{closest(flag.lstrip('-'))}")
     config = TrainConfig(*parts)
+    for part in parts:  # `--eval_beir none` turns an optional setting off, as `--eval_sts none` empties a list
+        for item in dataclasses.fields(part):
+            if "None" in str(item.type) and "str" in str(item.type) and isinstance(getattr(part, item.name), str) \
+                    and getattr(part, item.name).strip().lower() == "none":
+                setattr(part, item.name, None)
     config.training.bf16 = bf16_setting(config.training.bf16)
     values = config.to_dict()
     missing = [key for key in REQUIRED if not values[key]]
@@ -375,8 +398,35 @@ def renamed(key: str) -> str:
     return DEPRECATED_KEYS[name] + (f"={value}" if value else "")
 
 
+def is_none(value: Any) -> bool:
+    """`none` (any case), an empty text or an empty list: the spelling that empties a list setting."""
+    return value == [] or (isinstance(value, str) and value.strip().lower() in ("none", "")) or (
+        isinstance(value, list) and len(value) == 1 and is_none(value[0]))
+
+
+def emptied_lists(overrides: list[str]) -> tuple[list[str], set[str]]:
+    """(the overrides without `--LIST none`, the list settings they empty): `--eval_sts none` (or '') sets
+    eval_sts to [] (argparse cannot give an empty list to a nargs="+" option, nor `none` to a list of numbers)."""
+    kept, emptied, index = [], set(), 0
+    while index < len(overrides):
+        item = overrides[index]
+        name, equals, inline = item[2:].partition("=") if item.startswith("--") else ("", "", "")
+        if name in LIST_FIELDS and equals and is_none(inline):
+            emptied.add(name)
+        elif (name in LIST_FIELDS and not equals and index + 1 < len(overrides) and is_none(overrides[index + 1])
+              and (index + 2 == len(overrides) or overrides[index + 2].startswith("--"))):
+            emptied.add(name)
+            index += 1
+        else:
+            kept.append(item)
+        index += 1
+    return kept, emptied
+
+
 def as_list(key: str, value: Any) -> Any:
-    """A scalar recipe value for a list setting becomes a one-item list (`train_data: x.tsv`)."""
+    """A scalar recipe value for a list setting becomes a one-item list (`train_data: x.tsv`); `none` an empty one."""
+    if key in LIST_FIELDS and is_none(value):
+        return []
     return [value] if key in LIST_FIELDS and not isinstance(value, list) and value is not None else value
 
 

@@ -14,6 +14,7 @@ from textcl.cli.launch import follow_launcher, launch_training, leave_if_distrib
 from textcl.config import PARTS, DataArguments, load_config
 from textcl.errors import TextclError
 from textcl.io.sources import data_sources, hub_dataset
+from textcl.io.text import check_table_file
 from textcl.training.plan import plan_run
 
 GROUP_NAMES = {"ModelArguments": "model", "DataArguments": "data", "LossArguments": "loss",
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int | None:
     overrides = list(args.overrides)
     recipe = overrides.pop(0) if overrides and not overrides[0].startswith("-") else None
     plan = plan_run(load_config(recipe, overrides), recipe)  # every check the config alone allows
+    for setting, source in data_sources(plan.config.data):  # a misread csv/tsv: one line, before the model loads
+        check_table_file(source, plan.config.data.delimiter if setting == "train_data" else None)
     check_hub_sources(plan.config.data)
     if args.num_processes is not None:
         if plan.config.data.mining_rounds:

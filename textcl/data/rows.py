@@ -30,7 +30,8 @@ def load_source(source: str, args: DataArguments) -> datasets.Dataset | datasets
             raise TextclError(f"train_data {source!r} is a folder but not a BEIR folder (no qrels/); pass a data file")
         anchors, positives, _ = beir_pairs(path, args.train_split)
         return datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
-    return load_table(source, split=args.train_split, streaming=args.streaming, what="train_data")
+    return load_table(source, split=args.train_split, streaming=args.streaming, what="train_data",
+                      delimiter=args.delimiter)
 
 
 def negative_columns(columns: list[str], args: DataArguments) -> list[str]:

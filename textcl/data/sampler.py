@@ -4,6 +4,11 @@ A text that appears twice in one batch becomes its own negative (a false negativ
 tell apart), so a row whose anchor, positive or negatives already occur in the open batch waits for
 a later one. Written by hand because neither torch nor datasets offers a constraint-aware batcher;
 one pass with a waiting list keeps it linear in the number of rows (fast at batch 4096).
+
+An epoch always has `planned_batches(rows, batch_size)` batches of at least 2 rows (one row has no negative:
+loss 0), so the steps a run plans are the steps it runs. Rows that fit in none of them without a duplicate (a
+positive shared by more rows than there are batches) are left out of that epoch and counted (`left_out`); the
+next epoch's order may place them.
 """
 
 from __future__ import annotations
@@ -59,8 +64,68 @@ def greedy_batches(
         yield batch
 
 
+def planned_batches(rows: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches of an epoch of `rows` rows: the full ones, plus the short last one unless `drop_last` or it would
+    hold a single row (no negative to contrast)."""
+    full, rest = divmod(rows, batch_size)
+    return full + (1 if rest >= 2 and not drop_last else 0)
+
+
+def fit_batches(
+    batches: list[list[T]], count: int, ids_of: Callable[[T], set[int]], batch_size: int
+) -> tuple[list[list[T]], int]:
+    """(`count` batches of at least 2 rows made from greedy `batches`, rows left out). The rows of batches past
+    `count` join an earlier one with room and no shared text; a one-row batch takes a row from a batch of 3 or
+    more; what still fits nowhere is left out (and a batch left with one row too, the epoch then being short)."""
+    kept, surplus = [list(b) for b in batches[:count]], [item for b in batches[count:] for item in b]
+    seen = [set().union(*map(ids_of, batch)) for batch in kept]
+    left_out = 0
+
+    def make_room(full: int) -> bool:
+        """Move one row of batch `full` (of its first 64: bounded work on data where most rows clash) to another
+        batch with room and none of its texts."""
+        for row in kept[full][:64]:
+            row_ids = ids_of(row)
+            other = next((i for i in range(len(kept)) if i != full and fits(i, row_ids)), None)
+            if other is not None:
+                kept[full].remove(row)
+                seen[full] -= row_ids
+                move(row, row_ids, other)
+                return True
+        return False
+
+    def fits(i: int, ids: set[int]) -> bool:
+        return len(kept[i]) < batch_size and seen[i].isdisjoint(ids)
+
+    def move(item: T, ids: set[int], i: int) -> None:
+        kept[i].append(item)
+        seen[i] |= ids
+
+    for item in surplus:
+        ids = ids_of(item)
+        room = next((i for i in range(len(kept)) if fits(i, ids)), None)
+        if room is None:  # a full batch without its texts may pass one of its rows on to a batch with room
+            room = next((i for i in range(len(kept)) if seen[i].isdisjoint(ids) and make_room(i)), None)
+        if room is None:
+            left_out += 1
+        else:
+            move(item, ids, room)
+    for lone in [i for i, batch in enumerate(kept) if len(batch) < 2]:
+        ids = seen[lone]
+        for donor in (d for d in range(len(kept)) if len(kept[d]) >= 3):
+            moved = next((item for item in kept[donor] if ids_of(item).isdisjoint(ids)), None)
+            if moved is not None:
+                kept[donor].remove(moved)
+                kept[lone].append(moved)
+                break
+    short = [batch for batch in kept if len(batch) < 2]
+    return [batch for batch in kept if len(batch) >= 2], left_out + sum(map(len, short))
+
+
 class NoDuplicatesBatchSampler:
     """Batch sampler (lists of row indices) with no text id twice in a batch.
+
+    After `set_epoch`, `batches` holds the epoch's batches and `left_out` the rows that fit in none.
 
     Args:
         text_ids: per row, the ids of its texts (anchor, positive, negatives; see `row_ids`).
@@ -101,11 +166,15 @@ class NoDuplicatesBatchSampler:
             window = self.batch_size * 50
             chunks = np.split(order, range(window, len(order), window))
             order = np.concatenate([chunk[np.argsort(-self.lengths[chunk], kind="stable")] for chunk in chunks])
-        self.batches = []
+        self.batches, self.left_out = [], 0
         kinds = np.unique(self.sources)
         for source in kinds:
             rows = order[self.sources[order] == source].tolist()
-            self.batches += greedy_batches(rows, self.row_ids.__getitem__, self.batch_size, self.drop_last)
+            greedy = list(greedy_batches(rows, self.row_ids.__getitem__, self.batch_size, False))
+            count = planned_batches(len(rows), self.batch_size, self.drop_last)
+            batches, left_out = fit_batches(greedy, count, self.row_ids.__getitem__, self.batch_size)
+            self.batches += batches
+            self.left_out += left_out
         if self.lengths is not None or len(kinds) > 1:
             self.batches = [self.batches[i] for i in rng.permutation(len(self.batches))]
 
@@ -132,7 +201,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
         self.rows.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        return greedy_batches(self.rows, row_ids, self.batch_size, self.drop_last)
+        batches = greedy_batches(self.rows, row_ids, self.batch_size, self.drop_last)
+        return (batch for batch in batches if len(batch) >= 2)  # one row: no negative to contrast
 
 
 def row_index(rows: Any, with_lengths: bool) -> tuple[list[list[int]], np.ndarray | None, np.ndarray | None]:

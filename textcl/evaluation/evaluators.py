@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from textcl.evaluation.pairs import evaluate_pairs
 from textcl.evaluation.retrieval import K_VALUES, evaluate_retrieval
 from textcl.evaluation.sts import STS_COLUMNS, evaluate_sts
 from textcl.model.encode_options import EncodeOptions
@@ -66,6 +67,29 @@ class RetrievalEvaluator:
     def __call__(self, encoder: TextEncoder) -> dict[str, Any]:
         return evaluate_retrieval(encoder, self.beir, self.split, self.k_values, encode_options=self.encode_options,
                                   **self.options)
+
+
+@dataclass(frozen=True)
+class PairsEvaluator:
+    """Retrieval on (anchor, positive[, negatives]) pairs (`textcl.evaluation.pairs.evaluate_pairs`): a run's
+    `eval_split` rows; headline: nDCG@10."""
+
+    anchors: tuple[str, ...]
+    positives: tuple[str, ...]
+    negatives: tuple[tuple[str, ...], ...] = ()
+    encode_options: EncodeOptions = EncodeOptions()
+    name: str = "heldout"
+    primary_metric: str = "ndcg@10"
+    greater_is_better: bool = True
+
+    @classmethod
+    def of(cls, rows: Any, encode_options: EncodeOptions = EncodeOptions()) -> PairsEvaluator:
+        """The evaluator of held-out rows (`textcl.data.holdout.HeldOut`: anchors, positives, negatives)."""
+        return cls(tuple(rows.anchors), tuple(rows.positives), tuple(map(tuple, rows.negatives)), encode_options)
+
+    def __call__(self, encoder: TextEncoder) -> dict[str, Any]:
+        return evaluate_pairs(encoder, self.anchors, self.positives, self.negatives,
+                              encode_options=self.encode_options)
 
 
 def run_evaluators(evaluators: Sequence[Evaluator], encoder: TextEncoder) -> dict[str, dict[str, Any]]:

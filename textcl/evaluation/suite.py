@@ -56,13 +56,15 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{name[-40:]:40s} {figures['spearman']:9.4f} {figures['pearson']:9.4f} {figures['n']:7d}")
         if len(sts["files"]) > 1:
             lines.append(f"{'mean':40s} {sts['spearman']:9.4f} {sts['pearson']:9.4f} {sts['n']:7d}")
-    if "retrieval" in results:
-        figures = results["retrieval"]
+    for group in ("retrieval", "pairs", "heldout"):  # pairs, heldout: retrieval on pairs (textcl.evaluation.pairs)
+        if group not in results:
+            continue
+        figures = results[group]
         if lines:
             lines.append("")
         lines.append(
-            f"retrieval: {figures['n_queries']} queries ({figures['n_skipped_queries']} skipped: no relevant "
-            f"document), {figures['n_docs']} documents"
+            f"{ {'heldout': 'held-out pairs'}.get(group, group)}: {figures['n_queries']} queries "
+            f"({figures['n_skipped_queries']} skipped: no relevant document), {figures['n_docs']} documents"
         )
         k_values = sorted(int(name.split("@")[1]) for name in figures if name.startswith("ndcg@"))
         lines.append(f"{'k':>5s} " + " ".join(f"{name:>9s}" for name in METRIC_NAMES))

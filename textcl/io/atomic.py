@@ -3,7 +3,8 @@
 - `write_folder(target, write)`: `write(folder)` fills a temporary sibling folder, its files are flushed to disk,
   and it takes `target`'s place in one rename, so readers see the old folder or the new one, never a mix.
 - `write_text_atomically(path, text)`: the same for one file.
-- `exclusive_lock(target)`: one writer at a time, an advisory `flock` on the hidden sibling `.NAME.lock`.
+- `exclusive_lock(target)`: one writer at a time, an advisory `flock` on the hidden sibling `.NAME.lock` (holding
+  the writer's process id), removed when the writer leaves.
 - `space_error(...)`: a full disk as one line naming the path, the bytes needed and the bytes free.
 
 Written by hand because the standard library has no atomic folder replacement and the packages that write
@@ -12,6 +13,7 @@ files atomically (atomicwrites, and the like) handle single files only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -185,10 +187,12 @@ HELD: dict[tuple[str, int], int] = {}  # (lock file, thread) -> depth: a thread 
 def exclusive_lock(target: Path, wait: float = 0.0, what: str = "", lock_file: Path | None = None) -> Iterator[None]:
     """Hold the write lock of `target` (a file or folder that need not exist yet), waiting up to `wait` seconds.
 
-    Another holder (another process, or another thread of this one) makes this a TextclError naming `target`;
-    the thread that holds it may enter again. The lock is `lock_file` (default: the hidden sibling
-    `.NAME.lock`), left in place afterwards (deleting lock files races with the next writer). Locks are
-    advisory `flock`s, per host.
+    Another holder (another process, or another thread of this one) makes this a TextclError naming `target` and
+    the holder's process id; the thread that holds it may enter again. The lock is `lock_file` (default: the hidden
+    sibling `.NAME.lock`), holding the holder's process id, and removed when the holder leaves, however it leaves
+    (a SIGKILL frees the `flock` but leaves the file: the next holder takes it over and removes it; a lock still
+    held, by a process the dead holder forked, is stale when its recorded process is gone). Locks are advisory
+    `flock`s, per host.
     """
     target = Path(target)
     lock_file = Path(lock_file) if lock_file else target.with_name(f".{target.name}.lock")
@@ -202,25 +206,64 @@ def exclusive_lock(target: Path, wait: float = 0.0, what: str = "", lock_file: P
             if not HELD[key]:
                 del HELD[key]
         return
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    descriptor = acquire(lock_file, time.monotonic() + wait, f"{what + ' ' if what else ''}{str(target)!r}")
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TextclError(
-                        f"another process is writing {what + ' ' if what else ''}{str(target)!r} (it holds "
-                        f"{lock_file.name}); wait for it to finish or choose another folder"
-                    ) from None
-                time.sleep(0.05)
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
         HELD[key] = 1
         try:
             yield
         finally:
             del HELD[key]
+            with contextlib.suppress(FileNotFoundError):
+                lock_file.unlink()  # while still holding it: a waiter on this file sees it gone and opens a new one
     finally:
         os.close(descriptor)  # closing releases the lock
+
+
+def acquire(lock_file: Path, deadline: float, what: str) -> int:
+    """A descriptor of `lock_file` holding its `flock`, which is still the file at that path (the previous holder
+    may have removed it meanwhile: then the new file is locked); a holder whose recorded process is gone is stale
+    (its lock is kept by a process it forked) and its file is replaced."""
+    while True:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = recorded_process(descriptor)
+            os.close(descriptor)
+            if holder is not None and not process_alive(holder):
+                with contextlib.suppress(FileNotFoundError):
+                    lock_file.unlink()
+                continue
+            if time.monotonic() >= deadline:
+                by = f"process {holder} holds" if holder else "it holds"
+                raise TextclError(f"another process is writing {what} ({by} {lock_file.name}); wait for it to finish "
+                                  "or choose another folder") from None
+            time.sleep(0.05)
+            continue
+        try:
+            if os.fstat(descriptor).st_ino == os.stat(lock_file).st_ino:
+                return descriptor
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
+
+
+def recorded_process(descriptor: int) -> int | None:
+    """The process id a lock file holds (None when empty or unreadable)."""
+    try:
+        return int(os.pread(descriptor, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

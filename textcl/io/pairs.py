@@ -6,7 +6,7 @@ from pathlib import Path
 
 from textcl.errors import TextclError
 from textcl.io.beir import beir_pairs
-from textcl.io.tables import column, read_records
+from textcl.io.tables import column, negative_column_names, read_records
 
 
 def read_pairs(
@@ -30,3 +30,19 @@ def read_pairs(
     if not kept:
         raise TextclError(f"pairs file {str(path)!r} has no row with both an anchor and a positive")
     return [a for a, _ in kept], [p for _, p in kept], []
+
+
+def read_evaluation_pairs(
+    path: str | Path, anchor_column: str = "anchor", positive_column: str = "positive"
+) -> tuple[list[str], list[str], list[list[str]]]:
+    """(anchors, positives, per row its negatives: the non-empty cells of the negative* columns) of a pairs table,
+    rows without both an anchor and a positive left out; for `textcl eval --pairs`."""
+    rows = read_records(path, "pairs file")
+    anchors = column(rows, anchor_column, path, "--anchor_column")
+    positives = column(rows, positive_column, path, "--positive_column")
+    columns = [column(rows, name, path, "--negative_columns") for name in negative_column_names(list(rows[0]))]
+    negatives = [[cells[i] for cells in columns if cells[i].strip()] for i in range(len(rows))]
+    kept = [i for i, (a, p) in enumerate(zip(anchors, positives)) if a.strip() and p.strip()]
+    if not kept:
+        raise TextclError(f"pairs file {str(path)!r} has no row with both an anchor and a positive")
+    return [anchors[i] for i in kept], [positives[i] for i in kept], [negatives[i] for i in kept]

@@ -21,7 +21,7 @@ import datasets
 
 from textcl.errors import TextclError
 from textcl.io.sources import hub_dataset
-from textcl.io.text import check_utf8, locate_problem
+from textcl.io.text import check_fields, check_utf8, locate_problem, separator
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 DELIMITERS = {".tsv": "\t", ".csv": ","}
@@ -29,10 +29,12 @@ OUTPUT_SUFFIXES = (".jsonl", ".tsv", ".csv", ".parquet")
 
 
 def load_table(
-    source: str | Path, *, split: str = "train", streaming: bool = False, what: str = "file", lines: bool = False
+    source: str | Path, *, split: str = "train", streaming: bool = False, what: str = "file", lines: bool = False,
+    delimiter: str | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """The rows of a local file (see the module docstring) or of split `split` of a Hub dataset; with `lines`,
-    any local file is read as text, one `text` row a line.
+    any local file is read as text, one `text` row a line. `delimiter`: the field separator of a csv/tsv file
+    (default: by its extension, `,` or tab); every record must have as many fields as the header.
 
     Raises TextclError naming `what` the source is for a missing, empty, unreadable or unsupported source.
     """
@@ -50,7 +52,9 @@ def load_table(
         if builder != "parquet":
             check_utf8(path)
         if builder == "csv":
-            options |= text_cells(path, DELIMITERS[path.suffix])
+            chosen = separator(delimiter) or DELIMITERS[path.suffix]
+            check_fields(path, chosen, source, explicit=delimiter is not None)
+            options |= text_cells(path, chosen)
         return read(builder, options, streaming, source, what, path)
     hub = hub_dataset(source)
     if hub is None:
@@ -77,7 +81,15 @@ def read(builder: str, options: dict[str, Any], streaming: bool, source: str, wh
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "corresponds to no data" in reason:
             raise TextclError(f"{what} {source!r} has no rows") from error
-        raise TextclError(f"could not load {what} {source!r}: {reason}") from error
+        raise TextclError(f"could not load {what} {source!r}: {reason}{hub_hint(what) if path is None else ''}") \
+            from error
+
+
+def hub_hint(what: str) -> str:
+    """How to run without a Hub dataset that did not load: a local file instead, or (for an evaluation) none."""
+    if what.startswith("eval_"):
+        return f"; point {what} at a local file (README: Data formats) or skip it with --{what} none"
+    return f"; point {what} at a local file (README: Data formats)"
 
 
 def read_records(source: str | Path, what: str = "file", split: str = "train") -> list[dict[str, Any]]:

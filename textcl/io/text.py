@@ -1,5 +1,5 @@
-"""Line-by-line readers for the two jobs `datasets` does not do: naming the file and line of a mistake, and
-parsing qrels files.
+"""Line-by-line readers for the jobs `datasets` does not do: naming the file and line of a mistake, checking
+that every csv/tsv record has its header's field count, and parsing qrels files.
 
 `textcl.io.tables.load_table` reads every table through `datasets`; when that fails, or a loaded table
 breaks a rule (a duplicate id, a missing field), these readers find the line to name. Written by hand
@@ -9,6 +9,7 @@ because `datasets` reports such problems as Arrow errors without a line number.
 from __future__ import annotations
 
 import codecs
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,3 +79,57 @@ def line_of_record(path: Path, row: int) -> int:
         if index == row:
             return number
     return row + 1
+
+
+DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+SUFFIX_OF = {",": ".csv", "\t": ".tsv"}
+
+
+def separator(delimiter: str | None) -> str | None:
+    """A `delimiter` setting as one character: `tab`, `\\t` and a real tab are a tab; None stays None."""
+    if delimiter is None:
+        return None
+    text = {"tab": "\t", "\\t": "\t", "comma": ","}.get(delimiter.lower(), delimiter)
+    if len(text) != 1:
+        raise TextclError(f"delimiter {delimiter!r} must be one character (e.g. , or tab)")
+    return text
+
+
+def check_fields(path: Path, delimiter: str, source: str, explicit: bool = False) -> None:
+    """Raise a TextclError naming the file and line of the first record whose field count differs from the
+    header's, or naming the delimiter a file seems to use when it is not the one its extension says.
+
+    Written by hand: pandas (under `datasets`' csv builder) silently turns an extra leading field into an
+    index, which shifts every column, and fills missing fields with nothing. `csv` reads quoted fields with
+    delimiters and newlines inside them as one field, as pandas does; blank lines are skipped, as pandas does.
+    """
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, [])
+        if not explicit:
+            check_delimiter(header, delimiter, source)
+        start = reader.line_num + 1
+        for record in reader:
+            if record and len(record) != len(header):
+                raise TextclError(
+                    f"{source} line {start}: {len(record)} fields, header has {len(header)} ({', '.join(header)}); "
+                    f"quote fields that hold a {DELIMITER_NAMES.get(delimiter, repr(delimiter))}, or fix the row")
+            start = reader.line_num + 1
+
+
+def check_table_file(path: str | Path, delimiter: str | None = None) -> None:
+    """`check_fields` for a local .csv/.tsv file (`delimiter`: the setting, None: by the extension); anything else
+    passes (made before the model loads, so a misread file costs a second, not a model load)."""
+    suffix = Path(path).suffix
+    if Path(path).is_file() and suffix in SUFFIX_OF.values():
+        chosen = separator(delimiter) or {".csv": ",", ".tsv": "\t"}[suffix]
+        check_fields(Path(path), chosen, str(path), explicit=delimiter is not None)
+
+
+def check_delimiter(header: list[str], delimiter: str, source: str) -> None:
+    """Name the separator a file seems to use when its header (split by `delimiter`) holds another one: a tab in
+    a header name is never meant, another separator only when the whole header is one name."""
+    for other, name in DELIMITER_NAMES.items():
+        if other != delimiter and any(other in part for part in header) and (len(header) == 1 or other == "\t"):
+            fix = f"rename it {SUFFIX_OF[other]} or set delimiter" if other in SUFFIX_OF else "set delimiter"
+            raise TextclError(f"{source} looks {name}-separated; {fix}")

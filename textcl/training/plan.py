@@ -168,8 +168,8 @@ def plan_run(config: TrainConfig, recipe: str | None = None) -> RunPlan:
 def check_config(config: TrainConfig, recipe: str | None = None) -> None:
     """Every rule between the settings, and the local files they name (one line each, naming the fix)."""
     data, training = config.data, config.training
-    if training.metric_for_best_model and not (data.eval_sts or data.eval_beir):
-        raise TextclError("metric_for_best_model needs eval_sts or eval_beir to evaluate on")
+    if training.metric_for_best_model and not (data.eval_sts or data.eval_beir or data.eval_split):
+        raise TextclError("metric_for_best_model needs eval_split, eval_sts or eval_beir to evaluate on")
     if training.bf16 == "true" and training.fp16:
         raise TextclError("bf16 and fp16 are both set; choose one")
     if data.missing_positive not in MISSING_POSITIVE:

@@ -78,6 +78,9 @@ def summary_lines(
     rate = (f" ({timing['train_samples_per_second']:.1f} samples/s)"
             if "train_samples_per_second" in timing else "")
     lines.append(f"  {steps} steps{took}{rate}")
+    if timing.get("rows_left_out"):
+        lines.append(f"  {timing['rows_left_out']} rows left out of their epoch's batches in all (each repeats a text "
+                     "that every batch with room already holds: see the warning before training)")
     if losses:
         lines.append(f"  final loss {losses[-1]:.4f} (first logged {losses[0]:.4f})")
     before = headline_metrics(base_evaluation(records, evaluators), evaluators)
@@ -88,5 +91,6 @@ def summary_lines(
         else:
             lines.append(f"  {name}: {value:.4f}")
     if not new:
-        lines.append("  no evaluation (set eval_sts or eval_beir to see the base model and the trained one compared)")
+        lines.append("  no evaluation: set eval_split: 0.1 to measure the run on held-out rows of its own data (or "
+                     "eval_sts, eval_beir), the base model and the trained one compared")
     return lines

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +30,7 @@ from transformers import get_scheduler
 from textcl.config import TrainConfig, TrainingArguments
 from textcl.data.loader import build_training_data
 from textcl.errors import TextclError
-from textcl.evaluation.evaluators import run_evaluators
+from textcl.evaluation.evaluators import PairsEvaluator, run_evaluators
 from textcl.hub.model_card import TrainingRun
 from textcl.hub.push import require_token
 from textcl.io.atomic import check_free_space, exclusive_lock
@@ -108,6 +111,7 @@ class Trainer:
         self.rebuild = functools.partial(build_encoder, config.model)  # a fresh copy, for sharded weights
         self.build_pieces(plan)
         self.position = TrainingPosition()
+        self.rows_left_out = 0  # rows that fit in no batch of their epoch (see textcl.data.sampler), this process's epochs
         # textcl's own state, saved as safetensors + JSON by textcl.training.checkpoint (never as pickles)
         self.objects = {"scheduler": self.scheduler, "position": self.position, "loss": self.loss}
         self.objects |= {type(helper).__name__: helper for helper in self.steps.stateful()}
@@ -115,6 +119,8 @@ class Trainer:
             self.objects["remining"] = self.remining
         self.guard = NonFiniteGuard(args.max_nonfinite_steps)
         self.evaluators = evaluators_for(plan.evaluation)
+        if self.data.held_out:  # rows of the run's own data, kept out of training (eval_split)
+            self.evaluators.append(PairsEvaluator.of(self.data.held_out))
         self.best_rule = best_model_rule(plan.evaluation, self.evaluators)
         self.actions: list[Action] = [*default_actions(plan.evaluation, plan.output), *actions]
         model_bytes, self.checkpoint_bytes = self.saved_bytes()
@@ -167,6 +173,7 @@ class Trainer:
         so it must hear the epoch too, or a resumed run would replay epoch 0's order.
         """
         self.data.set_epoch(epoch)
+        self.rows_left_out += getattr(self.data.batcher, "left_out", 0)
         if hasattr(self.prepared_loader, "set_epoch"):
             self.prepared_loader.set_epoch(epoch)
 
@@ -250,7 +257,9 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=position.step, disable=not accelerator.is_main_process,
                         desc="train")
         self.started, self.samples = time.perf_counter(), 0
-        while position.step < self.total_steps:
+        args = self.config.training
+        epochs = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else math.inf  # never past the epochs
+        while position.step < self.total_steps and position.epoch < epochs:
             self.start_epoch(position.epoch)
             loader = self.prepared_loader
             if position.batches_in_epoch:
@@ -269,6 +278,8 @@ class Trainer:
         self.bar.close()
         runtime = time.perf_counter() - self.started
         speed = {"train_runtime": runtime, "train_samples_per_second": self.samples / runtime}
+        if self.rows_left_out:
+            speed["rows_left_out"] = self.rows_left_out
         self.outputs.log({"step": position.step, **speed})
         metrics = self.finish()
         if accelerator.is_main_process:
@@ -369,9 +380,31 @@ def train(config: TrainConfig | RunPlan, actions: Sequence[Action] = ()) -> dict
         raise TextclError("mining_rounds runs through textcl.train (textcl.training.rounds), not the trainer alone")
     output_dir, ddp_timeout = plan.output.output_dir, plan.config.training.ddp_timeout
     first_process = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists (set by launchers)
+    existed = output_dir.is_dir()
     lock = exclusive_lock(output_dir, what="the output_dir", lock_file=output_dir / ".textcl.lock")
     with lock if first_process else contextlib.nullcontext():
-        with collective_failures(lambda: 0, ddp_timeout):  # another process failed setting up
-            trainer = Trainer(plan, actions)
-        with collective_failures(lambda: min(trainer.position.step + 1, trainer.total_steps), ddp_timeout):
-            return trainer.train()
+        # listed under the lock: another writer's files are never taken for this run's
+        found = {path for path in output_dir.iterdir() if path.name != ".textcl.lock"} if output_dir.is_dir() else set()
+        trainer = None
+        try:
+            with collective_failures(lambda: 0, ddp_timeout):  # another process failed setting up
+                trainer = Trainer(plan, actions)
+            with collective_failures(lambda: min(trainer.position.step + 1, trainer.total_steps), ddp_timeout):
+                return trainer.train()
+        except BaseException:
+            if first_process and (trainer is None or trainer.position.step == 0):
+                leave_as_found(output_dir, found if existed or found else None)
+            raise
+
+
+def leave_as_found(output_dir: Path, found: set[Path] | None) -> None:
+    """Undo a run that stopped before its first step: remove what it added to output_dir (`found`: the folder's
+    entries before the run; None: the folder did not exist), so the next run does not find a run there. Called
+    under the folder's lock (whose file goes with the folder, or when the lock is released)."""
+    if not output_dir.is_dir():
+        return
+    if found is None:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return
+    for path in {p for p in output_dir.iterdir() if p.name != ".textcl.lock"} - found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
