@@ -140,8 +140,9 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict
         # two sources of different lengths: batches of 8, 8, 8, 4 and 8, 4
         "sources": [str(write_jsonl(folder / "a.jsonl", pair_rows(0, 28))),
                     str(write_jsonl(folder / "b.jsonl", pair_rows(100, 12)))],
-        # streamed rows alternate between the processes: 17 and 16 rows, so rank 0 has a third batch (of 1)
-        "stream": [str(write_jsonl(folder / "stream.jsonl", pair_rows(0, 33)))],
+        # streamed rows alternate between the processes: 18 and 17 rows, so rank 0 has a third batch (of 2; rank 1's
+        # last row alone is no batch)
+        "stream": [str(write_jsonl(folder / "stream.jsonl", pair_rows(0, 35)))],
         "sts": [str(sts)],
         "scored": [str(write_jsonl(folder / "scored.jsonl", scored_rows()))],
         "teacher": [str(teacher)],
@@ -364,7 +365,7 @@ def test_batch_per_source_with_sources_of_different_lengths(two: Path, tiny_mode
 
 
 def test_streaming_ends_each_epoch_together(two: Path, tiny_model_dir: Path, data: dict) -> None:
-    """A stream splits 17/16 rows: rank 0 has a third batch in every epoch, rank 1 does not. Invariant: both end
+    """A stream splits 18/17 rows: rank 0 has a third batch in every epoch, rank 1 does not. Invariant: both end
     the epoch after 2 steps (rank 0's extra batch is left), and each step's loss is that of the two
     processes' batches as one (learning rate 0)."""
     case = CASES["streaming"]

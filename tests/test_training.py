@@ -159,7 +159,7 @@ def bad_runs(tmp_path: Path, model: Path, pairs: Path) -> list[tuple[dict, list[
         ({"dataloader_drop_last": True}, ["--per_device_train_batch_size", "512"], "larger than the 200 training rows"),
         ({"model_name_or_path": str(tmp_path / "nomodel")}, [], "model path .*nomodel' does not exist"),
         ({"output_dir": str(tmp_path / "used")}, [], "already holds a run; pass --overwrite_output_dir"),
-        ({}, ["--metric_for_best_model", "sts.spearman"], "metric_for_best_model needs eval_sts or eval_beir"),
+        ({}, ["--metric_for_best_model", "sts.spearman"], "metric_for_best_model needs eval_split, eval_sts or eval_beir"),
     ]
 
 

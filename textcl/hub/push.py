@@ -17,7 +17,7 @@ from textcl.errors import TextclError
 from textcl.hub.model_card import model_card
 from textcl.model.encoder import Encoder
 
-NOT_UPLOADED = ["checkpoint-*", ".checkpoint-*", "best_model/*", ".best_model.tmp/*"]
+NOT_UPLOADED = ["checkpoint-*", ".checkpoint-*", "best_model/*", ".best_model.tmp/*", ".*.lock"]  # locks: a PID, not the model
 MODEL_FILES = ("modules.json", "config.json", "adapter_config.json")
 
 
