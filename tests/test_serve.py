@@ -78,7 +78,14 @@ def running(folder: Path, api_key: str | None = None, max_batch_size: int = 64, 
             max_body_bytes: int = 1 << 20, snapshot_every: int = 1000) -> Iterator[tuple[str, SearchService]]:
     """A real uvicorn server over the index in `folder`, in a thread, on 127.0.0.1:<free port>."""
     service = SearchService(DurableIndex.open(folder, snapshot_every=snapshot_every), max_batch_size, batch_wait_ms)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key, max_body_bytes), log_level="warning"))
+    with server_thread(uvicorn.Config(create_app(service, api_key, max_body_bytes), log_level="warning")) as (url, _):
+        yield url, service
+
+
+@contextmanager
+def server_thread(config: uvicorn.Config) -> Iterator[tuple[str, uvicorn.Server]]:
+    """A uvicorn server of `config` running in a thread on 127.0.0.1:<free port>: (its URL, the server)."""
+    server = uvicorn.Server(config)
     sock = bind(HOST, 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -87,7 +94,7 @@ def running(folder: Path, api_key: str | None = None, max_batch_size: int = 64, 
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://{HOST}:{sock.getsockname()[1]}", service
+        yield f"http://{HOST}:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(30)

@@ -26,14 +26,13 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 import uvicorn
-from test_serve import HOST, KEY, call, fresh_copy, index_dir, model_dir, start_process  # noqa: F401 -- fixtures
+from test_serve import HOST, KEY, call, fresh_copy, index_dir, model_dir, server_thread, start_process  # noqa: F401 -- fixtures
 
 from textcl import Encoder
 from textcl.cli import main
 from textcl.retrieval.search_index import SearchIndex
 from textcl.serving.app import create_app
 from textcl.serving.guards import allowed_host_names, deadline_protocol
-from textcl.serving.server import bind
 from textcl.serving.service import SearchService
 from textcl.serving.store import LOG_NAME, DurableIndex
 
@@ -44,21 +43,8 @@ def serving(folder: Path, receive_timeout: float = 10.0, **app_options) -> Itera
     service = SearchService(DurableIndex.open(folder), 64, 2.0)
     config = uvicorn.Config(create_app(service, **app_options), log_level="warning",
                             http=deadline_protocol(receive_timeout))
-    server = uvicorn.Server(config)
-    sock = bind(HOST, 0)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://{HOST}:{sock.getsockname()[1]}", service
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
+    with server_thread(config) as (url, _):
+        yield url, service
 
 
 def add(url: str, key: str, padding: int = 0) -> tuple[int, dict]:

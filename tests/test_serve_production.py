@@ -27,11 +27,12 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not
 openai = pytest.importorskip("openai", reason="the test extra (openai) is not installed")
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from test_serve import HOST, QUERIES, call, fresh_copy, index_dir, model_dir, start_process, stream_writes  # noqa: F401
+from test_serve import (  # noqa: F401 -- fixtures
+    HOST, QUERIES, call, fresh_copy, index_dir, model_dir, server_thread, start_process, stream_writes,
+)
 
 from textcl.retrieval.search_index import SearchIndex
 from textcl.serving.app import create_app
-from textcl.serving.server import bind
 from textcl.serving.service import SearchService
 from textcl.serving.store import LOG_NAME, DurableIndex, read_log
 
@@ -41,22 +42,9 @@ def serving(folder: Path, max_queued_texts: int = 4096, max_body_bytes: int = 1 
             ) -> Iterator[tuple[str, SearchService, uvicorn.Server]]:
     """A real uvicorn server over the index in `folder`, in a thread, on 127.0.0.1:<free port>."""
     service = SearchService(DurableIndex.open(folder), 64, 2.0, max_queued_texts)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, None, max_body_bytes), log_level="warning",
-                                           timeout_graceful_shutdown=10))
-    sock = bind(HOST, 0)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://{HOST}:{sock.getsockname()[1]}", service, server
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
+    config = uvicorn.Config(create_app(service, None, max_body_bytes), log_level="warning", timeout_graceful_shutdown=10)
+    with server_thread(config) as (url, server):
+        yield url, service, server
 
 
 def hold_forwards(service: SearchService, gate: threading.Event) -> Any:
