@@ -40,14 +40,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 from common import SHARED, cpu_capability, minilm_path, scifact_docs
-from serve_load import HOST, build_index, encoder_ceiling, start_server, stop_server
+from serve_load import HOST, build_index, encoder_ceiling, load_requests, post, start_server, stop_server
 
 SIDES = ["textcl-torch", "textcl-onnx", "infinity-torch", "infinity-onnx"]
 WORKLOADS = {"query1": ("queries", 1), "query8": ("queries", 8), "doc1": ("docs", 1), "doc8": ("docs", 8)}
@@ -99,62 +98,12 @@ def start_infinity(venv: Path, model: Path, engine: str, timeout: float) -> tupl
     raise RuntimeError(f"infinity ({engine}) did not start within {timeout:.0f} s: {server.stderr.read()[-2000:]}")
 
 
-def post(connection: http.client.HTTPConnection, path: str, body: bytes) -> bytes:
-    connection.request("POST", path, body=body, headers={"content-type": "application/json"})
-    response = connection.getresponse()
-    data = response.read()
-    if response.status != 200:
-        raise RuntimeError(f"POST {path}: {response.status} {data[:300]!r}")
-    return data
-
-
 def embed(port: int, path: str, texts: list[str]) -> np.ndarray:
     connection = http.client.HTTPConnection(HOST, port, timeout=120)
     body = json.dumps({"model": MODEL_NAME, "input": texts, "encoding_format": "float"}).encode()
     answer = json.loads(post(connection, path, body))
     connection.close()
     return np.array([item["embedding"] for item in sorted(answer["data"], key=lambda item: item["index"])])
-
-
-def load(port: int, path: str, bodies: list[bytes], total: int, clients: int, seconds: float) -> dict:
-    """Send up to `total` requests (cycling `bodies`) from `clients` threads for at most `seconds`; returns
-    requests/s, p50/p99 latency (ms) and the number answered."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    counter = iter(range(total))
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def client() -> None:
-        connection = http.client.HTTPConnection(HOST, port, timeout=120)
-        try:
-            while time.monotonic() < deadline:
-                with lock:
-                    n = next(counter, None)
-                if n is None:
-                    return
-                start = time.perf_counter()
-                post(connection, path, bodies[n % len(bodies)])
-                elapsed = time.perf_counter() - start
-                with lock:
-                    latencies.append(elapsed)
-        except Exception as error:  # noqa: BLE001 - reported below; the run fails
-            errors.append(repr(error))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(seconds + 150)
-    wall = time.perf_counter() - start
-    if errors or not latencies:
-        raise RuntimeError(f"{len(latencies)} answered in {wall:.0f} s; errors: {errors[:3]}")
-    ordered = sorted(latencies)
-    return {"rps": len(ordered) / wall, "p50_ms": 1000 * statistics.median(ordered),
-            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "requests": len(ordered)}
 
 
 def workload_bodies(texts: dict[str, list[str]], name: str) -> list[bytes]:
@@ -213,7 +162,7 @@ def run_side(side: str, args: argparse.Namespace, index: Path, model: Path, text
                 post(warm, path, body)
             warm.close()
             before = process.cpu_times()
-            cell = load(port, path, bodies, args.requests, args.clients, args.cell_seconds)
+            cell = load_requests(port, path, bodies, args.requests, args.clients, args.cell_seconds)
             after = process.cpu_times()
             size = WORKLOADS[name][1]
             cell["texts_per_s"] = cell["rps"] * size
