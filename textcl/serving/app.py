@@ -142,6 +142,35 @@ def public_model_name(model: str, root: FilePath) -> str:
     return local.name if local.exists() else model
 
 
+def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+    """Every error as one JSON line (`error`): invalid bodies, HTTP errors, TextclError, a full queue (429)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.method in ("POST", "PUT") and "json" not in request.headers.get("content-type", ""):
+            return error(415, "send the body as JSON, with the header Content-Type: application/json",
+                         path=request.url.path)
+        invalid_json = any(item.get("type") == "json_invalid" for item in exc.errors())
+        return error(400 if invalid_json else 422, describe_validation(exc), path=request.url.path)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        if exc.status_code == 413:
+            detail = f"the request body is larger than {max_body_bytes} bytes"
+        elif isinstance(exc.__cause__, UnicodeDecodeError):
+            detail = f"the request body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
+        return error(exc.status_code, detail, exc.headers, request.url.path)
+
+    @app.exception_handler(TextclError)
+    async def on_textcl_error(request: Request, exc: TextclError) -> JSONResponse:
+        return error(STATUS_OF.get(type(exc), 400), str(exc), path=request.url.path)
+
+    @app.exception_handler(ServerBusyError)
+    async def on_busy(request: Request, exc: ServerBusyError) -> JSONResponse:
+        return error(429, str(exc), {"Retry-After": str(exc.retry_after)}, request.url.path)
+
+
 def create_app(service: SearchService, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                allowed_hosts: set[str] | None = None, log_format: str = "text") -> FastAPI:
     """The FastAPI app over `service`; writes need `Authorization: Bearer <api_key>` when a key is given; with
@@ -176,30 +205,7 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         """Declares the key in the OpenAPI schema; `KeyCheck` checked it before the body was read."""
 
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.method in ("POST", "PUT") and "json" not in request.headers.get("content-type", ""):
-            return error(415, "send the body as JSON, with the header Content-Type: application/json",
-                         path=request.url.path)
-        invalid_json = any(item.get("type") == "json_invalid" for item in exc.errors())
-        return error(400 if invalid_json else 422, describe_validation(exc), path=request.url.path)
-
-    @app.exception_handler(HTTPException)
-    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        detail = str(exc.detail)
-        if exc.status_code == 413:
-            detail = f"the request body is larger than {max_body_bytes} bytes"
-        elif isinstance(exc.__cause__, UnicodeDecodeError):
-            detail = f"the request body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
-        return error(exc.status_code, detail, exc.headers, request.url.path)
-
-    @app.exception_handler(TextclError)
-    async def on_textcl_error(request: Request, exc: TextclError) -> JSONResponse:
-        return error(STATUS_OF.get(type(exc), 400), str(exc), path=request.url.path)
-
-    @app.exception_handler(ServerBusyError)
-    async def on_busy(request: Request, exc: ServerBusyError) -> JSONResponse:
-        return error(429, str(exc), {"Retry-After": str(exc.retry_after)}, request.url.path)
+    add_error_handlers(app, max_body_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
