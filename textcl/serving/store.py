@@ -107,9 +107,13 @@ def decode_vectors(text: str, rows: int) -> np.ndarray:
 
 def finish_snapshot(root: Path) -> None:
     """Complete a snapshot a crash interrupted while its files were moved, or drop one that was still being
-    written (see the module docstring)."""
+    written (see the module docstring), with what a killed `SearchIndex.save` left (its temporary folder and
+    lock). Called only by the holder of the server lock, so no save of this folder is running."""
+    for stray in root.glob(f".{SNAPSHOT_DIR}.tmp-*"):  # a save killed before its rename: never part of the index
+        shutil.rmtree(stray, ignore_errors=True)
     snapshot = root / SNAPSHOT_DIR
     if not snapshot.is_dir():
+        drop_save_lock(root)
         return
     if (snapshot / COMPLETE).is_file():
         for path in snapshot.iterdir():
