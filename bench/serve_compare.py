@@ -144,7 +144,7 @@ def run_side(side: str, args: argparse.Namespace, index: Path, model: Path, text
     """Start `side`, check its vectors, run every workload; returns (cells, its probe vectors, min cosine)."""
     server_kind, engine = side.split("-")
     if server_kind == "textcl":
-        server, port = start_server(index, ["--backend", engine], timeout=300)
+        server, port = start_server(index, ["--backend", engine, *args.textcl_args.split()], timeout=300)
         path = "/v1/embeddings"
     else:
         engine = {"torch": "torch", "onnx": "optimum"}[engine]
@@ -161,13 +161,14 @@ def run_side(side: str, args: argparse.Namespace, index: Path, model: Path, text
             for body in bodies[:10]:
                 post(warm, path, body)
             warm.close()
-            before = process.cpu_times()
+            before, client_before = process.cpu_times(), psutil.Process().cpu_times()
             cell = load_requests(port, path, bodies, args.requests, args.clients, args.cell_seconds)
-            after = process.cpu_times()
+            after, client_after = process.cpu_times(), psutil.Process().cpu_times()
             size = WORKLOADS[name][1]
             cell["texts_per_s"] = cell["rps"] * size
-            cell["cpu_ms_per_text"] = 1000 * (after.user + after.system - before.user - before.system) / (
-                cell["requests"] * size)
+            for key, (start, end) in {"cpu_ms_per_text": (before, after),
+                                      "client_cpu_ms_per_text": (client_before, client_after)}.items():
+                cell[key] = 1000 * (end.user + end.system - start.user - start.system) / (cell["requests"] * size)
             cells[name] = cell
     finally:
         stop_server(server)
@@ -186,6 +187,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=200, help="documents in textcl's index (not searched here)")
     parser.add_argument("--infinity_venv", default=os.environ.get("INFINITY_VENV", "/tmp/infinity-venv"))
     parser.add_argument("--work_dir", default="/tmp/textcl-bench-serve")
+    parser.add_argument("--textcl_args", default="", help="more `textcl serve` options, e.g. '--max_batch_size 16'")
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")
     sides = args.sides.split(",")
@@ -226,7 +228,8 @@ def main() -> None:
             for name, cell in cells.items():
                 print(f"repeat {repeat + 1} {side:>14} {name:>6}: {cell['texts_per_s']:7.1f} texts/s "
                       f"({cell['rps']:6.1f} req/s)  p50 {cell['p50_ms']:6.1f} ms  p99 {cell['p99_ms']:6.1f} ms  "
-                      f"server CPU {cell['cpu_ms_per_text']:.1f} ms/text  ({cell['requests']} requests)", flush=True)
+                      f"server CPU {cell['cpu_ms_per_text']:.1f} ms/text, client {cell['client_cpu_ms_per_text']:.1f}  "
+                      f"({cell['requests']} requests)", flush=True)
     report(results, agreement, ceilings)
 
 

@@ -158,6 +158,12 @@ def test_embed_equals_the_index_encodings(server: str, index_dir: Path) -> None:
         status, answer, _ = call(f"{server}/embed", "POST", {"texts": QUERIES, "kind": kind})
         assert status == 200 and answer["dimension"] == 32
         assert np.allclose(answer["vectors"], expected, atol=1e-5)
+    raw = NO_PROXY.open(urllib.request.Request(f"{server}/embed", json.dumps({"texts": QUERIES}).encode(),
+                                               headers={"content-type": "application/json"}), timeout=60).read()
+    vectors = raw.split(b'"dimension"')[0]  # {"vectors": [[...], ...], "dimension": 32}
+    numbers = re.findall(rb"-?[\d.]+(?:e[-+]?\d+)?", vectors)
+    digits = [len(number.split(b"e")[0].lstrip(b"-").replace(b".", b"").lstrip(b"0")) for number in numbers]
+    assert len(numbers) == 32 * len(QUERIES) and max(digits) <= 9, "floats in float32's shortest form, not float64's"
 
 
 def test_health_page_and_openapi(server: str, model_dir: Path) -> None:

@@ -225,7 +225,7 @@ def test_sigterm_drains_keeps_every_acknowledged_write_exits_0_and_logs_json(ind
     stop = threading.Event()
     added: set[str] = set()
     deleted: set[str] = set()
-    writer = threading.Thread(target=stream_writes, args=(url, "t", [], stop, added, deleted))
+    writer = threading.Thread(target=stream_writes, args=(url, "t", [], stop, added, deleted, set()))
     try:
         writer.start()
         deadline = time.monotonic() + 60

@@ -20,6 +20,8 @@ from importlib.resources import files
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
+import numpy as np
+
 from textcl.errors import TextclError
 
 try:
@@ -28,7 +30,6 @@ try:
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel
     from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
     from starlette.staticfiles import StaticFiles
@@ -52,6 +53,7 @@ from textcl.serving.schemas import (
     Health,
     SearchRequest,
     SearchResponse,
+    dump_json,
 )
 from textcl.serving.service import SearchService, ServerBusyError
 from textcl.serving.store import DuplicateIdError, LogWriteError, NotRemovableError, OutOfSpaceError, UnknownIdError
@@ -93,12 +95,6 @@ class BodyLimit:
 
     def too_large(self, path: str) -> JSONResponse:
         return error(413, f"the request body is larger than {self.max_bytes} bytes", path=path)
-
-
-def json_response(body: BaseModel) -> Response:
-    """`body` serialized once, by pydantic's compiled core: a route returning the model would have FastAPI
-    validate it again and serialize it in Python, which costs more than the search on short queries."""
-    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def hit_records(hits: Hits, row: int) -> list[dict[str, Any]]:
@@ -240,7 +236,8 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     async def embed(request: EmbedRequest) -> Response:
         """Embeddings `[n_texts, dimension]` with the index's query or document settings."""
         vectors = await service.embed(request.texts, request.kind)
-        return json_response(EmbedResponse(vectors=vectors.tolist(), dimension=vectors.shape[1]))
+        return Response(dump_json({"vectors": np.ascontiguousarray(vectors, dtype=np.float32),
+                                   "dimension": vectors.shape[1]}), media_type="application/json")
 
     @app.post("/documents", status_code=201, responses={**WRITE_ERRORS, 409: {"model": Error}},
               dependencies=[Depends(require_key)])

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StrictStr, WithJsonSchema
 from pydantic_core import to_json
 
-from textcl.serving.schemas import check_text
+from textcl.serving.schemas import check_text, dump_json
 from textcl.serving.service import SearchService
 
 PREFIX = "/v1"
@@ -157,9 +157,10 @@ def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
 
 
 def encoded(vectors: np.ndarray, encoding_format: str) -> list[Any]:
-    if encoding_format == "float":
-        return vectors.tolist()
+    """The rows of `[n, dim]` vectors as `dump_json` writes them: float32 arrays, or base64 of their bytes."""
     rows = np.ascontiguousarray(vectors, dtype="<f4")
+    if encoding_format == "float":
+        return list(rows)
     return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
 
 
@@ -199,6 +200,6 @@ def openai_router(service: SearchService, served: str) -> APIRouter:
                 for i, row in enumerate(encoded(vectors, request.encoding_format))]
         body = {"object": "list", "data": data, "model": served,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-        return Response(to_json(body), media_type="application/json", headers={"X-Truncated-Inputs": str(truncated)})
+        return Response(dump_json(body), media_type="application/json", headers={"X-Truncated-Inputs": str(truncated)})
 
     return router

@@ -10,16 +10,30 @@ from __future__ import annotations
 
 import inspect
 import unicodedata
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StrictStr, WithJsonSchema
 
+from textcl.errors import TextclError
 from textcl.retrieval.search_index import SearchIndex
+
+try:
+    import orjson
+except ModuleNotFoundError as missing:
+    raise TextclError(f"textcl serve needs {missing.name}: pip install \"textcl[serve]\"") from missing
 
 MAX_K = 1000  # results per query
 MAX_TEXTS = 256  # queries per search, texts per embed call
 MAX_DOCUMENTS = 1000  # documents per add
 DEFAULT_K = inspect.signature(SearchIndex.search).parameters["k"].default
+
+
+def dump_json(body: Any) -> bytes:
+    """`body` as JSON, float32 arrays in it written in float32's shortest form (0.12573022, not 0.1257302165031433
+    as their float64 `tolist()` reads): the same float32 values in about half the bytes, which is what a client
+    parses for every vector it gets (bench/RESULTS.md, issue 26). orjson, because the json module and pydantic
+    write only float64."""
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def check_text(text: str) -> str:
