@@ -91,7 +91,7 @@ def choose_index_fusion(index: SearchIndex, args: argparse.Namespace) -> None:
     runs = [index.search(texts, fusion.depth, mode=mode, batch_size=args.batch_size) for mode in ("dense", "bm25")]
     dense, lexical = ({q: {key: float(score) for key, score in zip(ids, scores) if key is not None}
                        for q, ids, scores in zip(query_ids, hits.ids, hits.scores)} for hits in runs)
-    weight, values = choose_fusion_weight(dense, lexical, dev.qrels, fusion)
+    weight, values = choose_fusion_weight(dense, lexical, dev.qrels, fusion, fusion.depth)
     index.meta["fusion"] = fusion.as_dict() | {"weight": weight}
     print(f"fusion weight {weight} (dense) chosen on {len(query_ids)} dev queries: nDCG@10 "
           f"{values[weight]:.4f} (dense alone {values[1.0]:.4f}, BM25 alone {values[0.0]:.4f})")

@@ -47,14 +47,15 @@ def fused_run(dense: Run, lexical: Run, fusion: FusionSettings, depth: int) -> R
 
 
 def choose_fusion_weight(
-    dense: Run, lexical: Run, qrels: dict[str, dict[str, int]], fusion: FusionSettings,
+    dense: Run, lexical: Run, qrels: dict[str, dict[str, int]], fusion: FusionSettings, depth: int,
     grid: Sequence[float] = WEIGHT_GRID,
 ) -> tuple[float, dict[float, float]]:
-    """The weight of `grid` whose weighted fusion of the two runs scores the best nDCG@10 on `qrels` (ties: the
-    one nearest 0.5), and the nDCG@10 of every weight."""
+    """The weight of `grid` whose weighted fusion of the two runs (its top `depth`, as the evaluation that reports
+    uses: cut at 10, documents tied at the cut would be dropped and scored otherwise) scores the best nDCG@10 on
+    `qrels` (ties: the one nearest 0.5), and the nDCG@10 of every weight."""
     values = {}
     for weight in grid:
-        run = fused_run(dense, lexical, dataclasses.replace(fusion, method="weighted", weight=weight), 10)
+        run = fused_run(dense, lexical, dataclasses.replace(fusion, method="weighted", weight=weight), depth)
         values[weight] = retrieval_metrics(qrels, run, [10])[TUNED_METRIC]
     best = max(values.values())
     return min((weight for weight, value in values.items() if value == best), key=lambda w: abs(w - 0.5)), values
@@ -119,7 +120,7 @@ def evaluate_hybrid(
     bm25, bm25_dev = split_run(lexical_all)
     tuning: dict[str, Any] = {}
     if dev is not None:
-        weight, values = choose_fusion_weight(dense_dev, bm25_dev, dev.qrels, fusion)
+        weight, values = choose_fusion_weight(dense_dev, bm25_dev, dev.qrels, fusion, max(k_values))
         fusion = dataclasses.replace(fusion, weight=weight)
         tuning = {"fusion_dev": {"split": fusion_dev_split, "n_queries": len(judged_queries(dev)), "seed": seed,
                                  "query_ids": sorted(dev.qrels),
