@@ -132,6 +132,76 @@ class Candidates:
         return cls(texts, extra, first, np.array([first[text] for text in texts], dtype=np.int64))
 
 
+@dataclass
+class Pairs:
+    """Step 1: the pairs laid out over the candidates: the distinct anchors, each pair's anchor row `[pairs]` and its
+    positive's candidate index `[pairs]`, and the known positives as codes anchor * len(candidates) + candidate."""
+
+    candidates: Candidates
+    distinct: list[str]
+    row_anchor: np.ndarray  # [pairs] int64
+    row_positive: np.ndarray  # [pairs] int64
+    known: np.ndarray  # sorted int64 codes
+
+    @classmethod
+    def of(cls, anchors: Sequence[str], positives: Sequence[str], corpus: list[str]) -> Pairs:
+        candidates = Candidates.of(corpus, positives)
+        distinct = list(dict.fromkeys(anchors))
+        anchor_row = {text: i for i, text in enumerate(distinct)}
+        row_anchor = np.array([anchor_row[text] for text in anchors], dtype=np.int64)
+        row_positive = np.array([candidates.first[text] for text in positives], dtype=np.int64)
+        size = len(candidates.texts)
+        own_text = [a * size + candidates.first[text] for a, text in enumerate(distinct) if text in candidates.first]
+        known = np.unique(np.concatenate([row_anchor * size + row_positive, np.array(own_text, dtype=np.int64)]))
+        return cls(candidates, distinct, row_anchor, row_positive, known)
+
+    def search_depth(self, range_max: int) -> int:
+        """How deep to search so that `range_max` candidates are left after the known positives and the copies."""
+        size = len(self.candidates.texts)
+        copies = np.bincount(self.candidates.canonical, minlength=size)
+        known_per_anchor = np.bincount(self.known // size, weights=copies[self.known % size],
+                                       minlength=len(self.distinct))
+        return min(size, range_max + int(known_per_anchor.max()) + min(size - len(self.candidates.first), range_max))
+
+
+def thresholds(pairs: Pairs, positive_scores: np.ndarray, max_score_ratio: float | None,
+               margin: float | None) -> np.ndarray:
+    """Step 4's score bound of each distinct anchor `[anchors]`, from its lowest positive score (inf: no bound)."""
+    lowest = np.full(len(pairs.distinct), np.inf)
+    np.minimum.at(lowest, pairs.row_anchor, positive_scores)
+    threshold = np.full(len(pairs.distinct), np.inf)
+    if max_score_ratio is not None:
+        threshold = np.minimum.reduce([threshold, max_score_ratio * lowest, (2 - max_score_ratio) * lowest])
+    if margin is not None:
+        threshold = np.minimum(threshold, lowest - margin)
+    return threshold
+
+
+@dataclass
+class Selection:
+    """Steps 4-5 over the search results `[anchors, depth]`: the rank window, what passed the threshold, the
+    known positives hit, and the chosen negatives."""
+
+    window: np.ndarray
+    keep: np.ndarray
+    known_hit: np.ndarray
+    chosen: np.ndarray
+
+
+def select(pairs: Pairs, indices: np.ndarray, scores: np.ndarray, threshold: np.ndarray, range_min: int,
+           range_max: int, num_negatives: int, sampling: str, seed: int) -> Selection:
+    """Drop known positives and repeated texts, keep ranks [range_min, range_max) under the threshold, choose."""
+    size = len(pairs.candidates.texts)
+    found = indices >= 0
+    candidate = np.where(found, pairs.candidates.canonical[np.maximum(indices, 0)], -1)
+    known_hit = found & np.isin(np.arange(len(pairs.distinct))[:, None] * size + candidate, pairs.known)
+    usable = found & ~known_hit & ~later_repeats(candidate)
+    rank = np.cumsum(usable, axis=1) - 1
+    window = usable & (rank >= range_min) & (rank < range_max)
+    keep = window & (scores < threshold[:, None])
+    return Selection(window, keep, known_hit, choose(keep, num_negatives, sampling, seed))
+
+
 def mine_hard_negatives(
     encoder: TextEncoder,
     anchors: Sequence[str],
@@ -159,31 +229,15 @@ def mine_hard_negatives(
     check_options(num_negatives, range_min, range_max, max_score_ratio, sampling)
     if len(anchors) != len(positives) or not anchors:
         raise TextclError(f"need one positive per anchor (and a pair at least), got {len(anchors)}, {len(positives)}")
-    corpus = list(corpus)  # step 1
-    candidates = Candidates.of(corpus, positives)
-    distinct = list(dict.fromkeys(anchors))
-    anchor_row = {text: i for i, text in enumerate(distinct)}
-    row_anchor = np.array([anchor_row[text] for text in anchors], dtype=np.int64)
-    row_positive = np.array([candidates.first[text] for text in positives], dtype=np.int64)
+    corpus = list(corpus)
+    pairs = Pairs.of(anchors, positives, corpus)  # step 1
 
     options = encode_options.resolved(encoder)  # step 2
-    parts = [encode_corpus(encoder, part, "document", options) for part in (corpus, candidates.extra) if part]
-    anchor_embeddings = encode_corpus(encoder, distinct, "query", options)
-    positive_scores = np.einsum("nd,nd->n", anchor_embeddings[row_anchor], take_rows(parts, row_positive))
-    lowest = np.full(len(distinct), np.inf)
-    np.minimum.at(lowest, row_anchor, positive_scores)
-    threshold = np.full(len(distinct), np.inf)
-    if max_score_ratio is not None:
-        threshold = np.minimum.reduce([threshold, max_score_ratio * lowest, (2 - max_score_ratio) * lowest])
-    if margin is not None:
-        threshold = np.minimum(threshold, lowest - margin)
+    parts = [encode_corpus(encoder, part, "document", options) for part in (corpus, pairs.candidates.extra) if part]
+    anchor_embeddings = encode_corpus(encoder, pairs.distinct, "query", options)
+    positive_scores = np.einsum("nd,nd->n", anchor_embeddings[pairs.row_anchor], take_rows(parts, pairs.row_positive))
 
-    size = len(candidates.texts)  # step 3; an anchor's known positives are codes anchor * size + candidate
-    own_text = [a * size + candidates.first[text] for a, text in enumerate(distinct) if text in candidates.first]
-    known = np.unique(np.concatenate([row_anchor * size + row_positive, np.array(own_text, dtype=np.int64)]))
-    copies = np.bincount(candidates.canonical, minlength=size)
-    known_per_anchor = np.bincount(known // size, weights=copies[known % size], minlength=len(distinct))
-    depth = min(size, range_max + int(known_per_anchor.max()) + min(size - len(candidates.first), range_max))
+    depth = pairs.search_depth(range_max)  # step 3
     if factory == "Flat":
         scores, indices = exact_search(anchor_embeddings, parts, depth)
     else:
@@ -191,43 +245,25 @@ def mine_hard_negatives(
         set_search_params(index, search_params)
         scores, indices = index.search(np.ascontiguousarray(anchor_embeddings, dtype=np.float32), depth)
 
-    found = indices >= 0  # step 4
-    candidate = np.where(found, candidates.canonical[np.maximum(indices, 0)], -1)
-    known_hit = found & np.isin(np.arange(len(distinct))[:, None] * size + candidate, known)
-    usable = found & ~known_hit & ~later_repeats(candidate)
-    rank = np.cumsum(usable, axis=1) - 1
-    window = usable & (rank >= range_min) & (rank < range_max)
-    keep = window & (scores < threshold[:, None])
-    chosen = choose(keep, num_negatives, sampling, seed)  # step 5
-    picked = np.argsort(~chosen, axis=1, kind="stable")[:, :num_negatives]
-    counts = chosen.sum(axis=1)[row_anchor]
+    threshold = thresholds(pairs, positive_scores, max_score_ratio, margin)  # steps 4-5
+    selection = select(pairs, indices, scores, threshold, range_min, range_max, num_negatives, sampling, seed)
+    counts = selection.chosen.sum(axis=1)[pairs.row_anchor]
     rows = np.flatnonzero(counts >= (num_negatives if min_negatives is None else min_negatives))
-    negatives = np.take_along_axis(indices, picked, axis=1)[row_anchor[rows]]
-    negative_scores = np.take_along_axis(scores, picked, axis=1)[row_anchor[rows]]
-    filled = np.take_along_axis(chosen, picked, axis=1)[row_anchor[rows]]
+    picked = np.argsort(~selection.chosen, axis=1, kind="stable")[:, :num_negatives][pairs.row_anchor[rows]]
+    negatives = np.take_along_axis(indices[pairs.row_anchor[rows]], picked, axis=1)
+    negative_scores = np.take_along_axis(scores[pairs.row_anchor[rows]], picked, axis=1)
+    filled = np.take_along_axis(selection.chosen[pairs.row_anchor[rows]], picked, axis=1)
 
-    columns: dict[str, list] = {"anchor": [anchors[r] for r in rows], "positive": [positives[r] for r in rows]}
-    for j in range(num_negatives):
-        columns[f"negative_{j + 1}"] = [
-            candidates.texts[i] if ok else "" for i, ok in zip(negatives[:, j], filled[:, j])
-        ]
-    columns["positive_score"] = positive_scores[rows].tolist()
-    for j in range(num_negatives):
-        columns[f"negative_{j + 1}_score"] = [
-            float(v) if ok else None for v, ok in zip(negative_scores[:, j], filled[:, j])
-        ]
+    columns = output_columns(anchors, positives, pairs.candidates.texts, rows, positive_scores[rows], negatives,
+                             negative_scores, filled)
     stats = MiningStats(
-        rows=len(anchors),
-        rows_kept=len(rows),
-        rows_too_few_negatives=len(anchors) - len(rows),
-        rows_short=int((counts[rows] < num_negatives).sum()),
-        anchors=len(distinct),
+        rows=len(anchors), rows_kept=len(rows), rows_too_few_negatives=len(anchors) - len(rows),
+        rows_short=int((counts[rows] < num_negatives).sum()), anchors=len(pairs.distinct),
         mean_positive_score=float(positive_scores[rows].mean()) if len(rows) else float("nan"),
         mean_negative_score=float(negative_scores[filled].mean()) if filled.any() else float("nan"),
-        candidates=int(window.sum()),
-        dropped_false_negatives=int((window & ~keep).sum()),
-        known_positives_excluded=int(known_hit.sum()),
-    )
+        candidates=int(selection.window.sum()),
+        dropped_false_negatives=int((selection.window & ~selection.keep).sum()),
+        known_positives_excluded=int(selection.known_hit.sum()))
     settings = {
         "model_fingerprint": encoder.fingerprint(), "num_negatives": num_negatives,
         "min_negatives": num_negatives if min_negatives is None else min_negatives, "range_min": range_min,
@@ -239,3 +275,18 @@ def mine_hard_negatives(
         "corpus_texts": len(corpus), "pairs": len(anchors),
     }
     return MinedNegatives(columns, stats, settings)
+
+
+def output_columns(anchors: Sequence[str], positives: Sequence[str], texts: list[str], rows: np.ndarray,
+                   positive_scores: np.ndarray, negatives: np.ndarray, negative_scores: np.ndarray,
+                   filled: np.ndarray) -> dict[str, list]:
+    """The mined table's columns for the kept `rows`; `negatives`, `negative_scores`, `filled` are `[kept, n]`
+    (candidate index, score, whether a negative was found: an empty text and a None score where not)."""
+    columns: dict[str, list] = {"anchor": [anchors[r] for r in rows], "positive": [positives[r] for r in rows]}
+    for j in range(negatives.shape[1]):
+        columns[f"negative_{j + 1}"] = [texts[i] if ok else "" for i, ok in zip(negatives[:, j], filled[:, j])]
+    columns["positive_score"] = positive_scores.tolist()
+    for j in range(negatives.shape[1]):
+        columns[f"negative_{j + 1}_score"] = [float(v) if ok else None
+                                              for v, ok in zip(negative_scores[:, j], filled[:, j])]
+    return columns

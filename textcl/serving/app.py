@@ -12,7 +12,7 @@ Swagger UI files of the swagger-ui-bundle package, so they work offline; Prometh
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the routes defined inside
-# create_app, and a string annotation could not see the local `bearer` they depend on.
+# search_router, and a string annotation could not see the local `bearer` they depend on.
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +25,7 @@ import numpy as np
 from textcl.errors import TextclError
 
 try:
-    from fastapi import Depends, FastAPI, Path, Request
+    from fastapi import APIRouter, Depends, FastAPI, Path, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -167,6 +167,58 @@ def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
         return error(429, str(exc), {"Retry-After": str(exc.retry_after)}, request.url.path)
 
 
+def search_router(service: SearchService, api_key: str | None) -> APIRouter:
+    """The index's routes: /health, /search, /embed, and the writes (/documents), which declare the bearer key in
+    the OpenAPI schema when `api_key` is set."""
+    router = APIRouter()
+    bearer = HTTPBearer(auto_error=False, description="the key in the variable named by --api-key-env")
+
+    def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        """Declares the key in the OpenAPI schema; `KeyCheck` checked it before the body was read."""
+
+    @router.get("/health")
+    async def health() -> Health:
+        index, batcher = service.index, service.batcher
+        return Health(
+            model=public_model_name(index.meta["model"], service.store.root), dimension=index.meta["dim"],
+            documents=len(index.ids),
+            index_type=index.meta["factory"], metric=index.meta["metric"], max_batch_size=batcher.max_batch_size,
+            mean_batch_size=batcher.batched_texts / max(batcher.batches, 1), writes_need_key=api_key is not None,
+        )
+
+    @router.post("/search", response_model=SearchResponse, responses=ERRORS)
+    async def search(request: SearchRequest) -> Response:
+        """Top-k documents of each query, best first."""
+        queries = request.query
+        hits = await service.search(queries, request.k, request.mode)  # BM25 on an index without it: a 400
+        results = [{"query": query, "hits": hit_records(hits, row)} for row, query in enumerate(queries)]
+        body = SearchResponse.model_validate({"results": results})
+        return Response(body.model_dump_json(exclude_unset=True), media_type="application/json")
+
+    @router.post("/embed", response_model=EmbedResponse, responses=ERRORS)
+    async def embed(request: EmbedRequest) -> Response:
+        """Embeddings `[n_texts, dimension]` with the index's query or document settings."""
+        vectors = await service.embed(request.texts, request.kind)
+        return Response(dump_json({"vectors": np.ascontiguousarray(vectors, dtype=np.float32),
+                                   "dimension": vectors.shape[1]}), media_type="application/json")
+
+    @router.post("/documents", status_code=201, responses={**WRITE_ERRORS, 409: {"model": Error}},
+                 dependencies=[Depends(require_key)])
+    async def add_documents(documents: Documents) -> AddResponse:
+        """Add documents; they are on disk when this returns. An id already indexed is a 409."""
+        count = await service.add([doc.id for doc in documents], [doc.text for doc in documents])
+        return AddResponse(added=len(documents), documents=count)
+
+    @router.delete("/documents/{doc_id:path}", responses={**WRITE_ERRORS, 404: {"model": Error}, 409: {"model": Error}},
+                   dependencies=[Depends(require_key)])
+    async def delete_document(doc_id: Annotated[str, Path(description="the document's id")]) -> DeleteResponse:
+        """Remove one document; the removal is on disk when this returns."""
+        count = await service.delete(doc_id)
+        return DeleteResponse(deleted=doc_id, documents=count)
+
+    return router
+
+
 def create_app(service: SearchService, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                allowed_hosts: set[str] | None = None, log_format: str = "text") -> FastAPI:
     """The FastAPI app over `service`; writes need `Authorization: Bearer <api_key>` when a key is given; with
@@ -196,11 +248,7 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
     app.mount(ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
     app.include_router(openai_router(service, public_model_name(service.index.meta["model"], service.store.root)))
     app.include_router(metrics.router())
-    bearer = HTTPBearer(auto_error=False, description="the key in the variable named by --api-key-env")
-
-    def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        """Declares the key in the OpenAPI schema; `KeyCheck` checked it before the body was read."""
-
+    app.include_router(search_router(service, api_key))
     add_error_handlers(app, max_body_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -213,44 +261,5 @@ def create_app(service: SearchService, api_key: str | None = None, max_body_byte
                                    swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{ASSETS}/swagger-ui.css",
                                    swagger_favicon_url=f"{ASSETS}/favicon-32x32.png")
-
-    @app.get("/health")
-    async def health() -> Health:
-        index, batcher = service.index, service.batcher
-        return Health(
-            model=public_model_name(index.meta["model"], service.store.root), dimension=index.meta["dim"], documents=len(index.ids),
-            index_type=index.meta["factory"], metric=index.meta["metric"], max_batch_size=batcher.max_batch_size,
-            mean_batch_size=batcher.batched_texts / max(batcher.batches, 1), writes_need_key=api_key is not None,
-        )
-
-    @app.post("/search", response_model=SearchResponse, responses=ERRORS)
-    async def search(request: SearchRequest) -> Response:
-        """Top-k documents of each query, best first."""
-        queries = request.query
-        hits = await service.search(queries, request.k, request.mode)  # BM25 on an index without it: a 400
-        results = [{"query": query, "hits": hit_records(hits, row)} for row, query in enumerate(queries)]
-        body = SearchResponse.model_validate({"results": results})
-        return Response(body.model_dump_json(exclude_unset=True), media_type="application/json")
-
-    @app.post("/embed", response_model=EmbedResponse, responses=ERRORS)
-    async def embed(request: EmbedRequest) -> Response:
-        """Embeddings `[n_texts, dimension]` with the index's query or document settings."""
-        vectors = await service.embed(request.texts, request.kind)
-        return Response(dump_json({"vectors": np.ascontiguousarray(vectors, dtype=np.float32),
-                                   "dimension": vectors.shape[1]}), media_type="application/json")
-
-    @app.post("/documents", status_code=201, responses={**WRITE_ERRORS, 409: {"model": Error}},
-              dependencies=[Depends(require_key)])
-    async def add_documents(documents: Documents) -> AddResponse:
-        """Add documents; they are on disk when this returns. An id already indexed is a 409."""
-        count = await service.add([doc.id for doc in documents], [doc.text for doc in documents])
-        return AddResponse(added=len(documents), documents=count)
-
-    @app.delete("/documents/{doc_id:path}", responses={**WRITE_ERRORS, 404: {"model": Error}, 409: {"model": Error}},
-                dependencies=[Depends(require_key)])
-    async def delete_document(doc_id: Annotated[str, Path(description="the document's id")]) -> DeleteResponse:
-        """Remove one document; the removal is on disk when this returns."""
-        count = await service.delete(doc_id)
-        return DeleteResponse(deleted=doc_id, documents=count)
 
     return app
