@@ -141,3 +141,16 @@ def test_an_action_added_from_python_runs_after_every_step_and_the_best_model_fo
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"the kept model (step {best}, the best by `sts`)" in card
     assert f"**sts** (headline `spearman`, higher is better): {evaluations[best]:.4f}" in card
+
+
+def test_the_card_names_the_kept_step_when_the_base_model_scored_the_same(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """At learning_rate 0 every evaluation equals the base model's (step 0): the run keeps step 1's model (the first
+    evaluation of training; only a strict gain replaces it), and the card names step 1, not step 0."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, data, eval_sts=[str(data["sts"])], eval_steps=1,
+                          metric_for_best_model="sts", learning_rate=0.0)
+    train(load_config(str(recipe), []))
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["sts"]["spearman"] for r in records if "sts" in r}) == 1  # the premise: all equal, step 0 too
+    assert "the kept model (step 1, the best by `sts`)" in (tmp_path / "out" / "README.md").read_text()

@@ -65,6 +65,7 @@ class TrainingPosition:
     epoch: int = 0
     batches_in_epoch: int = 0
     best_metric: float | None = None
+    best_step: int | None = None  # the step whose model best_model/ holds
 
     def state_dict(self) -> dict:
         return asdict(self)

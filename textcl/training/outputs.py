@@ -171,18 +171,16 @@ class RunOutputs:
         best = self.folder / BEST_MODEL
         return best if best.exists() else None
 
-    def saved_evaluation(
-        self, metrics: dict[str, Any], best_value: float | None, best_of: Callable[[dict[str, Any]], float | None],
-        evaluators: Sequence[Evaluator],
-    ) -> tuple[dict[str, Any], int | None]:
-        """(evaluation, step) of the saved model: the final `metrics`, or, when the run kept an earlier model (whose
-        `best_of(record)` is `best_value`), that model's evaluation as logged in metrics.jsonl (step None: the final
-        model)."""
-        if best_value is None:
+    def saved_evaluation(self, metrics: dict[str, Any], best_step: int | None, evaluators: Sequence[Evaluator]
+                         ) -> tuple[dict[str, Any], int | None]:
+        """(evaluation, step) of the saved model: the final `metrics`, or, when the run kept the model of
+        `best_step`, that step's evaluation as logged in metrics.jsonl (step None: the final model). Matched by
+        step, not by value: the base model's evaluation (step 0) can equal a later one."""
+        if best_step is None:
             return metrics, None
         for record in self.records():
-            if evaluations_of(record, evaluators) and best_of(record) == best_value:
-                return evaluations_of(record, evaluators), record["step"]
+            if record.get("step") == best_step and evaluations_of(record, evaluators):
+                return evaluations_of(record, evaluators), best_step
         return metrics, None
 
     def install(self, encoder: Encoder | None, best: Path | None, write_card: Callable[[Path], None],

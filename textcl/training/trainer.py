@@ -204,7 +204,7 @@ class Trainer:
             return
         value = self.best_rule.value(metrics)
         if self.best_rule.improves(value, self.position.best_metric) and not self.weights_broken():
-            self.position.best_metric = value
+            self.position.best_metric, self.position.best_step = value, self.position.step
             self.outputs.save_best(self.trained_encoder())
 
     def weights_broken(self) -> bool:
@@ -353,8 +353,7 @@ class Trainer:
         final model)."""
         if self.best_rule is None:
             return metrics, None
-        return self.outputs.saved_evaluation(metrics, self.position.best_metric, self.best_rule.value,
-                                             self.evaluators)
+        return self.outputs.saved_evaluation(metrics, self.position.best_step, self.evaluators)
 
     def write_card(self, metrics: dict[str, Any], folder: Any) -> None:
         """folder/README.md describing this run."""
