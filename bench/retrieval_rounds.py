@@ -4,7 +4,8 @@
     python bench/retrieval_rounds.py ablation --seeds 42 43 44       # the four sides below, one table
     python bench/retrieval_rounds.py ablation --sides round1-5 --seeds 42 43 44   # a cheap variation
     python bench/retrieval_rounds.py recipe --seeds 42 43 44         # recipes/retrieval-rounds.yaml end to end
-    python bench/retrieval_rounds.py student --data round1-3 --seeds 42 43 44     # the 3-layer student
+    python bench/retrieval_rounds.py final --recipe recipes/retrieval-hardneg.yaml --seeds 42 43 44  # as shipped
+    python bench/retrieval_rounds.py student --data final-retrieval-hardneg --seeds 42 43 44   # 3-layer student
     python bench/retrieval_rounds.py hybrid --model outputs/bench-rounds/runs/recipe-42   # dense/BM25/hybrid
     python bench/retrieval_rounds.py ablation --sides base-1 round1-3 --seeds 42 --max_steps 2 --scale 0.02 \
         --per_device_train_batch_size 4 --work /tmp/rounds-smoke                   # a smoke run
@@ -23,9 +24,13 @@ and the second mining: the whole recipe's time), general retrieval nDCG@10 on MR
 sentences of the 1,147 paraphrase pairs, corpus = all 1,725 second sentences; a news-domain check that
 tuning for SciFact keeps general retrieval; the base model's figure is printed first).
 `recipe` times `textcl train recipes/retrieval-rounds.yaml` as one command (both rounds, rounds.json).
+`final`: the shipped recipe as a user runs it (mine as its header says, train) on all 919 train claims, scored
+on test only (its training saw the dev claims); the mining is timed once and added to every seed's time.
 `student`: `textcl shrink` of the base model to 3 layers, InfoNCE on the --data side's negatives of seed s
-for distill-small's 4 epochs; its encode speed over the teacher's (the --data side's seed-s model).
-`hybrid`: `textcl eval MODEL --hybrid` on test, weighted fusion with the weight chosen on dev, and RRF.
+for distill-small's 4 epochs (--data final-RECIPE: `final`'s negatives, all of train); its encode speed over
+the teacher's (the --data side's seed-s model).
+`hybrid`: `textcl eval MODEL --hybrid` on test, weighted fusion with the weight chosen on dev, and RRF; on SciFact
+and on MRPC as retrieval with MRPC dev's pairs as its dev split (`general_set_with_dev`).
 --scale < 1 cuts the corpus and claims (smoke runs only; figures then mean nothing).
 """
 
@@ -106,6 +111,32 @@ def general_set(work: Path, scale: float) -> Path:
     return folder
 
 
+def general_set_with_dev(work: Path) -> Path:
+    """MRPC as `general_set` builds it, with MRPC dev's pairs as a dev split beside test (the corpus holds the second
+    sentences of both), so that hybrid search's fusion weight is chosen on dev here too."""
+    folder = work / "mrpc-hybrid"
+    if (folder / "qrels" / "test.tsv").is_file():
+        return folder
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split in ("dev", "test"):
+        with (SHARED / "mrpc" / f"{split}.tsv").open() as handle:
+            splits[split] = list(csv.DictReader(handle, delimiter="\t"))
+    docs = list(dict.fromkeys(row["sentence2"] for rows in splits.values() for row in rows))
+    doc_id = {text: f"d{i}" for i, text in enumerate(docs)}
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": doc_id[t], "title": "", "text": t}) + "\n"
+                                                 for t in docs))
+    queries = []
+    for split, rows in splits.items():
+        pairs = [row for row in rows if row["label"] == "1"]
+        queries += [json.dumps({"_id": f"{split}-q{i}", "text": row["sentence1"]}) + "\n" for i, row in enumerate(pairs)]
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{split}-q{i}\t{doc_id[row['sentence2']]}\t1"
+                                                  for i, row in enumerate(pairs)]
+        (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    (folder / "queries.jsonl").write_text("".join(queries))
+    return folder
+
+
 def mined(work: Path, model: str | Path, name: str, negatives: int, data: Path) -> Path:
     """SciFact train (without dev) mined by `model`, `negatives` a claim, as retrieval-hardneg mines (made once)."""
     out = work / "mined" / f"{name}-{negatives}.jsonl"
@@ -139,7 +170,10 @@ def sts_file(work: Path, scale: float) -> Path:
     return work / "stsb-test.tsv"
 
 
-def evaluate(folder: Path, data: Path, args: argparse.Namespace) -> dict[str, float]:
+def evaluate(folder: Path, data: Path, args: argparse.Namespace, splits: tuple[str, ...] = ("dev", "test")
+             ) -> dict[str, float]:
+    """nDCG@10 on `splits` of `data` (a model trained on all of SciFact train has no dev: NaN), STS-B test
+    Spearman, and nDCG@10 on the general (MRPC) retrieval set."""
     from textcl import EncodeOptions, Encoder
     from textcl.evaluation.retrieval import evaluate_retrieval
     from textcl.evaluation.sts import evaluate_sts
@@ -147,9 +181,9 @@ def evaluate(folder: Path, data: Path, args: argparse.Namespace) -> dict[str, fl
     encoder = Encoder.load(folder)
     general = general_set(args.work, args.scale)
     cache = EncodeOptions(cache_dir=args.work / "cache")  # the corpus is encoded once for dev and test
-    return {"dev": evaluate_retrieval(encoder, data, "dev", k_values=(10,), encode_options=cache)["ndcg@10"],
-            "test": evaluate_retrieval(encoder, data, "test", k_values=(10,), encode_options=cache)["ndcg@10"],
-            "stsb": evaluate_sts(encoder, sts_file(args.work, args.scale))["spearman"],
+    scores = {split: evaluate_retrieval(encoder, data, split, k_values=(10,), encode_options=cache)["ndcg@10"]
+              for split in splits}
+    return {"dev": float("nan"), **scores, "stsb": evaluate_sts(encoder, sts_file(args.work, args.scale))["spearman"],
             "general": evaluate_retrieval(encoder, general, "test", k_values=(10,))["ndcg@10"]}
 
 
@@ -185,6 +219,28 @@ def recipe_run(seed: int, data: Path, args: argparse.Namespace) -> dict:
             **evaluate(output, data, args)}
 
 
+def final_run(seed: int, args: argparse.Namespace) -> dict:
+    """The shipped recipe (--recipe) as a user runs it, on all 919 SciFact train claims: mine with the base model as
+    the recipe's header says (uncached, timed; the file is the same for every seed, so it is mined once and its
+    time added to each seed's), train, score on test (dev is inside its training data)."""
+    from textcl.cli import main as textcl
+
+    recipe = Path(args.recipe)
+    command = json.loads(recipe.read_text().split("# mine: ", 1)[1].splitlines()[0])
+    mined_file = args.work / "mined" / f"full-{recipe.stem}.jsonl"
+    timing = args.work / "mined" / f"full-{recipe.stem}.seconds"
+    if not timing.is_file():
+        start = time.perf_counter()
+        assert textcl(["mine", minilm_path(), "--data", str(SCIFACT), "--split", "train", "--out", str(mined_file),
+                       "--no_cache", *command]) == 0
+        timing.write_text(f"{time.perf_counter() - start}\n")
+    output = args.work / "runs" / f"final-{recipe.stem}-{seed}"
+    seconds = train(str(recipe), ["--model_name_or_path", minilm_path(), "--train_data", mined_file], seed, output,
+                    args)
+    return {"side": f"final-{recipe.stem}", "seed": seed, "seconds": seconds,
+            "recipe_seconds": seconds + float(timing.read_text()), **evaluate(output, SCIFACT, args, ("test",))}
+
+
 def student_run(seed: int, data: Path, args: argparse.Namespace) -> dict:
     from common import scifact_docs
 
@@ -193,10 +249,14 @@ def student_run(seed: int, data: Path, args: argparse.Namespace) -> dict:
     student = args.work / "minilm-l3"
     if not (student / "modules.json").is_file():
         cli("shrink", minilm_path(), "--num_layers", 3, "--out", student)
-    who, negatives = args.data.split("-")
-    teacher = args.work / "runs" / f"{args.data}-{seed}"
-    source = (mined(args.work, minilm_path(), "base", int(negatives), data) if who == "base"
-              else mined(args.work, args.work / "runs" / f"base-1-{seed}", f"round1-seed{seed}", int(negatives), data))
+    teacher, splits = args.work / "runs" / f"{args.data}-{seed}", ("dev", "test")
+    if args.data.startswith("final-"):  # `final`'s data (all of SciFact train) and model of seed s
+        source, data, splits = args.work / "mined" / f"full-{args.data[6:]}.jsonl", SCIFACT, ("test",)
+    elif args.data.startswith("base-"):
+        source = mined(args.work, minilm_path(), "base", int(args.data[5:]), data)
+    else:
+        source = mined(args.work, args.work / "runs" / f"base-1-{seed}", f"round1-seed{seed}",
+                       int(args.data.split("-")[1]), data)
     output = args.work / "runs" / f"student-{args.data}-{seed}"
     seconds = train("recipes/distill-small.yaml", ["--model_name_or_path", student, "--train_data", source,
                                                    "--distill_loss", "none"], seed, output, args)
@@ -206,7 +266,7 @@ def student_run(seed: int, data: Path, args: argparse.Namespace) -> dict:
     speed = {name: len(docs) / best_time(lambda m=model: m.encode(docs, batch_size=64), 2)
              for name, model in models.items()}
     return {"side": f"student-{args.data}", "seed": seed, "seconds": seconds, "recipe_seconds": seconds,
-            **evaluate(output, data, args),
+            **evaluate(output, data, args, splits),
             "speedup": speed["student"] / speed["teacher"] if "teacher" in speed else float("nan")}
 
 
@@ -226,10 +286,11 @@ def table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["ablation", "recipe", "student", "hybrid"])
+    parser.add_argument("bench", choices=["ablation", "recipe", "final", "student", "hybrid"])
     parser.add_argument("--sides", nargs="+", default=SIDES)
     parser.add_argument("--data", default="round1-3", help="student: the side whose negatives it trains on")
     parser.add_argument("--model", default=None, help="hybrid: the model to evaluate")
+    parser.add_argument("--recipe", default=RECIPE, help="final: the recipe to run on all of SciFact train")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--work", type=Path, default=Path("outputs/bench-rounds"))
     parser.add_argument("--dev_queries", type=int, default=100)
@@ -242,17 +303,20 @@ def main() -> None:
     (args.work / "runs").mkdir(parents=True, exist_ok=True)
     data = write_split(args.work, args.dev_queries, args.split_seed, args.scale)
     if args.bench == "hybrid":
-        for fusion in (["--fusion", "weighted", "--fusion_dev_split", "dev"], ["--fusion", "rrf"]):
-            cli("eval", args.model or minilm_path(), "--beir", data, "--split", "test", "--hybrid", *fusion,
-                "--json", args.work / f"hybrid-{fusion[1]}.json", "--cache_dir", args.work / "cache")
+        for folder in (data, general_set_with_dev(args.work)):
+            for fusion in (["--fusion", "weighted", "--fusion_dev_split", "dev"], ["--fusion", "rrf"]):
+                name = f"hybrid-{Path(args.model or 'base').name}-{folder.name}-{fusion[1]}.json"
+                cli("eval", args.model or minilm_path(), "--beir", folder, "--split", "test", "--hybrid", *fusion,
+                    "--json", args.work / name, "--cache_dir", args.work / "cache")
         return
-    base = evaluate(Path(minilm_path()), data, args)
-    print(f"RUN base {json.dumps(base)}", flush=True)
+    if args.bench == "ablation":
+        print(f"RUN base {json.dumps(evaluate(Path(minilm_path()), data, args))}", flush=True)
     rows = []
     for seed in args.seeds:
         for side in args.sides if args.bench == "ablation" else [args.bench]:
             row = (ablation_side(side, seed, data, args) if args.bench == "ablation" else
-                   recipe_run(seed, data, args) if args.bench == "recipe" else student_run(seed, data, args))
+                   recipe_run(seed, data, args) if args.bench == "recipe" else
+                   final_run(seed, args) if args.bench == "final" else student_run(seed, data, args))
             rows.append(row)
             print(f"RUN {json.dumps(row)}", flush=True)
     table(rows)
