@@ -91,37 +91,12 @@ def write_split(work: Path, dev_queries: int, seed: int, scale: float) -> Path:
     return folder
 
 
-def general_set(work: Path, scale: float) -> Path:
-    """MRPC test as a retrieval set: each paraphrase pair's first sentence finds its second among all seconds."""
-    folder = work / "mrpc-retrieval"
+def paraphrase_set(folder: Path, splits: dict[str, list[dict]]) -> Path:
+    """MRPC rows as a BEIR folder: each paraphrase pair's first sentence (a query of its split) finds its second
+    among the second sentences of every row given (made once)."""
     if (folder / "qrels" / "test.tsv").is_file():
         return folder
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    with (SHARED / "mrpc" / "test.tsv").open() as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))[: max(50, int(1725 * scale))]
-    docs = list(dict.fromkeys(row["sentence2"] for row in rows))
-    doc_id = {text: f"d{i}" for i, text in enumerate(docs)}
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": doc_id[t], "title": "", "text": t}) + "\n"
-                                                 for t in docs))
-    pairs = [row for row in rows if row["label"] == "1"]
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": row["sentence1"]}) + "\n"
-                                                  for i, row in enumerate(pairs)))
-    lines = ["query-id\tcorpus-id\tscore"] + [f"q{i}\t{doc_id[row['sentence2']]}\t1" for i, row in enumerate(pairs)]
-    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
-    return folder
-
-
-def general_set_with_dev(work: Path) -> Path:
-    """MRPC as `general_set` builds it, with MRPC dev's pairs as a dev split beside test (the corpus holds the second
-    sentences of both), so that hybrid search's fusion weight is chosen on dev here too."""
-    folder = work / "mrpc-hybrid"
-    if (folder / "qrels" / "test.tsv").is_file():
-        return folder
-    (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split in ("dev", "test"):
-        with (SHARED / "mrpc" / f"{split}.tsv").open() as handle:
-            splits[split] = list(csv.DictReader(handle, delimiter="\t"))
     docs = list(dict.fromkeys(row["sentence2"] for rows in splits.values() for row in rows))
     doc_id = {text: f"d{i}" for i, text in enumerate(docs)}
     (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": doc_id[t], "title": "", "text": t}) + "\n"
@@ -135,6 +110,22 @@ def general_set_with_dev(work: Path) -> Path:
         (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     (folder / "queries.jsonl").write_text("".join(queries))
     return folder
+
+
+def mrpc_rows(split: str) -> list[dict]:
+    with (SHARED / "mrpc" / f"{split}.tsv").open() as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def general_set(work: Path, scale: float) -> Path:
+    """MRPC test as a retrieval set: each paraphrase pair's first sentence finds its second among all seconds."""
+    return paraphrase_set(work / "mrpc-retrieval", {"test": mrpc_rows("test")[: max(50, int(1725 * scale))]})
+
+
+def general_set_with_dev(work: Path) -> Path:
+    """`general_set` with MRPC dev's pairs as a dev split beside test (the corpus holds the second sentences of
+    both), so that hybrid search's fusion weight is chosen on dev here too."""
+    return paraphrase_set(work / "mrpc-hybrid", {"dev": mrpc_rows("dev"), "test": mrpc_rows("test")})
 
 
 def mined(work: Path, model: str | Path, name: str, negatives: int, data: Path) -> Path:
